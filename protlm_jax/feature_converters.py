@@ -1,0 +1,72 @@
+"""Feature converters beyond seqio's.
+
+seqio's ``EncoderFeatureConverter`` scores only positions whose input is the
+mask id, which misses BERT's 10 % random and 10 % unchanged positions.
+:class:`MLMFeatureConverter` takes the scored positions from the task's
+``mlm_weights`` feature instead (packing supported).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import seqio
+import tensorflow as tf
+
+
+class MLMFeatureConverter(seqio.FeatureConverter):
+    """Encoder-only (BERT-style) converter with explicit scored positions.
+
+    Task features ``inputs``, ``targets``, ``mlm_weights`` (aligned) become
+    ``encoder_input_tokens``, ``encoder_target_tokens``, ``encoder_loss_weights``
+    and, when packing, ``encoder_segment_ids``/``encoder_positions``. The length
+    of ``mlm_weights`` follows ``inputs``; task lengths need only name
+    ``inputs`` (and optionally ``targets``).
+    """
+
+    TASK_FEATURES = {
+        "inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "mlm_weights": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+    }
+    MODEL_FEATURES = {
+        "encoder_input_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "encoder_target_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "encoder_loss_weights": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+    }
+    PACKING_FEATURE_DTYPES = {
+        "encoder_segment_ids": tf.int32,
+        "encoder_positions": tf.int32,
+    }
+
+    def __call__(self, ds: tf.data.Dataset,
+                 task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        lengths = dict(task_feature_lengths)
+        lengths.setdefault("targets", lengths["inputs"])
+        lengths["mlm_weights"] = lengths["inputs"]
+        return super().__call__(ds, lengths)
+
+    def _convert_features(self, ds: tf.data.Dataset,
+                          task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        ds = self._pack_or_pad(ds, task_feature_lengths)
+
+        def convert(x):
+            out = {
+                "encoder_input_tokens": x["inputs"],
+                "encoder_target_tokens": x["targets"],
+                "encoder_loss_weights": x["mlm_weights"],
+            }
+            if self.pack:
+                out["encoder_segment_ids"] = x["inputs_segment_ids"]
+                out["encoder_positions"] = x["inputs_positions"]
+            return out
+
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(
+            self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+        length = task_feature_lengths["inputs"]
+        names = list(self.MODEL_FEATURES)
+        if self.pack:
+            names += list(self.PACKING_FEATURE_DTYPES)
+        return {name: length for name in names}

@@ -1,0 +1,62 @@
+"""protlm-jax: protein language models (the ProtTrans family) in JAX/Flax."""
+
+import pathlib
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+
+setup(
+    name="protlm-jax",
+    version="0.1.0",
+    description=(
+        "Protein language models (ProtT5, ProtBert, ...) in JAX/Flax: SeqIO data "
+        "pipelines, T5X-style partitioned training, embeddings, probes and "
+        "Hugging Face interop."
+    ),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # `tasks/` holds only seqio registrations; it is installed under a
+    # distinctive top-level name so gin files and the CLI can import it.
+    packages=find_packages(include=["protlm_jax", "protlm_jax.*"])
+    + ["protlm_tasks"],
+    package_dir={"protlm_tasks": "tasks"},
+    include_package_data=True,
+    package_data={"protlm_jax": ["py.typed"]},
+    install_requires=[
+        "absl-py>=2.1",
+        "apache-beam>=2.60",
+        "clu>=0.0.12",
+        "flax>=0.10",
+        "gin-config>=0.5",
+        "h5py>=3.10",
+        "jax>=0.6",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "protobuf>=5",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2.0,<0.2.3",
+        "seqio>=0.0.19",
+        "tensorflow>=2.16",
+        "tensorflow-datasets>=4.9",
+        "tensorflow-text>=2.16",
+        "tensorstore>=0.1.60",
+        "torch==2.13.0",
+        "tqdm>=4.60",
+        "transformers>=4.45",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6"],
+        "bench": ["biopython>=1.83"],
+    },
+    entry_points={"console_scripts": ["protlm=protlm_jax.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Bio-Informatics",
+    ],
+)

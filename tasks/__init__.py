@@ -1,0 +1,88 @@
+"""seqio task registrations for protlm-jax (installed as ``protlm_tasks``).
+
+For each corpus in :data:`CORPORA` and each objective:
+
+  ``{corpus}_prott5``               ProtT5: per-residue sentinels → whole sequence
+  ``{corpus}_t5_span_corruption``   standard T5 span corruption (density 0.15, span 3)
+  ``{corpus}_mlm``                  BERT MLM with the ProtBert vocabulary (15 %, 80/10/10)
+
+Shards are read from ``$PROTLM_DATA_DIR/{corpus}`` (see
+``protlm_jax.data_sources``). Rare residues become X, then the sequence is
+tokenized; a ``seqio.CacheDatasetPlaceholder`` follows, so ``seqio_cache_tasks``
+caches the deterministic part and cropping and masking stay random per epoch.
+Long sequences are cropped to a random window of the feature length.
+"""
+
+import functools
+
+import seqio
+
+from protlm_jax import preprocessors as pp
+from protlm_jax.data_sources import corpus_source
+from protlm_jax.vocabularies import ProtBertVocabulary, ProtT5Vocabulary
+
+CORPORA = ("uniref50", "uniref100", "bfd", "uniprot_sample")
+
+PROTT5_VOCABULARY = ProtT5Vocabulary()
+PROTBERT_VOCABULARY = ProtBertVocabulary()
+
+T5_OUTPUT_FEATURES = {
+    "inputs": seqio.Feature(PROTT5_VOCABULARY, add_eos=True),
+    "targets": seqio.Feature(PROTT5_VOCABULARY, add_eos=True),
+}
+MLM_OUTPUT_FEATURES = {
+    "inputs": seqio.Feature(PROTBERT_VOCABULARY, add_eos=False),
+    "targets": seqio.Feature(PROTBERT_VOCABULARY, add_eos=False),
+    "mlm_weights": seqio.Feature(seqio.PassThroughVocabulary(2), add_eos=False),
+}
+
+_CLEAN_AND_TOKENIZE = (
+    functools.partial(seqio.preprocessors.rekey,
+                      key_map={"id": "id", "targets": "sequence"}),
+    functools.partial(pp.map_rare_residues, key="targets"),
+    functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+    seqio.CacheDatasetPlaceholder(),
+)
+
+
+def _register(corpus: str) -> None:
+    source = corpus_source(corpus)
+    seqio.TaskRegistry.add(
+        f"{corpus}_prott5",
+        source=source,
+        preprocessors=[
+            *_CLEAN_AND_TOKENIZE,
+            functools.partial(pp.random_crop, feature_key="targets", reserved=1),
+            pp.prott5_denoise,
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features=T5_OUTPUT_FEATURES,
+        metric_fns=[])
+    seqio.TaskRegistry.add(
+        f"{corpus}_t5_span_corruption",
+        source=source,
+        preprocessors=[
+            *_CLEAN_AND_TOKENIZE,
+            # Inputs are never longer than the cropped sequence.
+            functools.partial(pp.random_crop, feature_key="targets",
+                              length_key="inputs", reserved=1),
+            pp.t5_span_corruption,
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features=T5_OUTPUT_FEATURES,
+        metric_fns=[])
+    seqio.TaskRegistry.add(
+        f"{corpus}_mlm",
+        source=source,
+        preprocessors=[
+            *_CLEAN_AND_TOKENIZE,
+            functools.partial(pp.random_crop, feature_key="targets",
+                              length_key="inputs", reserved=2),
+            pp.bert_mlm,
+        ],
+        output_features=MLM_OUTPUT_FEATURES,
+        metric_fns=[])
+
+
+for _corpus in CORPORA:
+    _register(_corpus)
