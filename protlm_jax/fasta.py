@@ -1,7 +1,7 @@
 """Streaming FASTA and FFindex readers with explicit, counted normalisation.
 
 Readers never hold a whole file in memory: FASTA is read line by line through a
-1 MiB buffer (gzip detected by its magic bytes, not by the file name), FFindex
+buffer (gzip detected by its magic bytes, not by the file name), FFindex
 entries are read one at a time by seeking into the ``.ffdata`` file.
 
 Normalisation (each kind counted in a ``collections.Counter`` the caller owns):
@@ -115,12 +115,26 @@ def open_stream(path: str) -> BinaryIO:
         raw.close()
         raise InputError(path, 0, f"cannot read: {e}") from None
     if magic == _GZIP_MAGIC:
-        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), _BUFFER)
+        # GzipFile buffers little, so a truncation is reported near its line.
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     return raw
 
 
+_CONTROL = bytes(set(range(32)) - set(b"\t\n\r\v\f"))
+
+
+def _looks_binary(line: bytes) -> bool:
+    if len(line.translate(None, _CONTROL)) != len(line):
+        return True
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def _first_line_problem(line: bytes) -> str:
-    if b"\x00" in line:
+    if _looks_binary(line):
         return "not a FASTA file (binary data; expected a '>' header line)"
     if set(line) <= _SEQUENCE_LINE_CHARS:
         return "sequence line before any header"
@@ -223,8 +237,7 @@ def read_fasta(path: str, counts: Optional[Counts] = None,
     """
     counts = collections.Counter() if counts is None else counts
     stream = open_stream(path)
-    raw = getattr(stream, "raw", None)
-    inner = getattr(raw, "fileobj", None) if raw is not None else None
+    inner = getattr(stream, "fileobj", None)  # The compressed file under gzip.
     def tell() -> int:
         try:
             return (inner or stream).tell()

@@ -1,0 +1,39 @@
+# protlm-jax: every target sets up .venv itself (Python 3.11, pinned by constraints.txt).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= /tmp/protlm-demo
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: all venv data demo test bench clean
+
+all: test
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (log: $(VENV)/install.log)"
+	$(PIP) install --quiet -c constraints.txt -e '.[test,bench]' > $(VENV)/install.log 2>&1 \
+	  || { grep -v "^WARNING: Location" $(VENV)/install.log | tail -40; exit 1; }
+	$(PY) -c "import protlm_jax.cli, seqio, jax, apache_beam, protlm_tasks"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Real data sets, pinned and sha256-checked (data/README.md).
+data: $(STAMP)
+	$(VENV)/bin/protlm data fetch --dataset all
+
+demo: $(STAMP)
+	$(PY) -m protlm_jax.demo --workdir $(DEMO_DIR)
+
+test: $(STAMP) data
+	$(PY) -m pytest tests -q
+
+bench: $(STAMP) data
+	$(PY) benchmarks/data_pipeline.py
+
+clean:
+	rm -rf $(VENV) *.egg-info build

