@@ -31,6 +31,8 @@ setup(
         "clu>=0.0.12",
         "flax>=0.10",
         "gin-config>=0.5",
+        # Beam's TFRecord sink (seqio_cache_tasks) needs a CRC32C implementation.
+        "google-crc32c>=1.5",
         "h5py>=3.10",
         "jax>=0.6",
         "matplotlib>=3.8",

@@ -48,13 +48,22 @@ class MLMFeatureConverter(seqio.FeatureConverter):
 
     def _convert_features(self, ds: tf.data.Dataset,
                           task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        if self.pack:
+            # seqio's packer takes a feature's length to be its count of
+            # non-zero values, which would cut a 0/1 weight vector short; shift
+            # the weights to 1/2 while packing and back afterwards.
+            ds = ds.map(lambda x: {**x, "mlm_weights": x["mlm_weights"] + 1},
+                        num_parallel_calls=tf.data.AUTOTUNE)
         ds = self._pack_or_pad(ds, task_feature_lengths)
 
         def convert(x):
+            weights = x["mlm_weights"]
+            if self.pack:
+                weights = tf.maximum(weights - 1, 0)  # padding stays 0
             out = {
                 "encoder_input_tokens": x["inputs"],
                 "encoder_target_tokens": x["targets"],
-                "encoder_loss_weights": x["mlm_weights"],
+                "encoder_loss_weights": weights,
             }
             if self.pack:
                 out["encoder_segment_ids"] = x["inputs_segment_ids"]
