@@ -46,6 +46,7 @@ setup(
         "tensorflow>=2.16",
         "tensorflow-datasets>=4.9",
         "tensorflow-text>=2.16",
+        "tensorboard>=2.16",  # clu's metric writers
         "tensorstore>=0.1.60",
         "torch==2.13.0",
         "tqdm>=4.60",

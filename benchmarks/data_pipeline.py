@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -51,11 +52,12 @@ NUM_SHARDS = 16
 SEQUENCE_LENGTH = 512
 BATCH_SIZE = 32
 WARMUP_BATCHES = 2
+SEQIO_WINDOWS = 4
 # --quick: few enough records that the whole run, imports included, stays well
 # under a minute on two cores; the figures are only a smoke test then.
 QUICK_RECORDS = 2000
 QUICK_REPEATS = 2
-QUICK_BATCHES = 5
+QUICK_BATCHES = 8
 # Records in the file whose prepare time is taken as Beam's fixed cost.
 STARTUP_RECORDS = 10
 
@@ -109,13 +111,18 @@ class Reporter:
         self._stream.write(json.dumps(line) + "\n")
 
 
-def best_of(repeats: int, fns: dict[str, Callable[[], object]]) -> dict[str, tuple[float, object]]:
-    """Best wall time (and last result) of each function over ``repeats`` rounds.
+def best_of(repeats: int,
+            fns: dict[str, Callable[[], object]]) -> dict[str, tuple[float, object]]:
+    """Best wall time of each function over ``repeats`` rounds, with its result.
 
-    The functions are interleaved within each round rather than run back to
-    back, so slow drift of the machine (page cache, CPU clock, a neighbour's
-    load) hits all of them alike instead of favouring whichever ran last.
+    One untimed round runs first: lazy imports, the first Beam pipeline's
+    module loading and cold caches would otherwise decide the figure when
+    ``repeats`` is small. The functions are interleaved within each round
+    rather than run back to back, so slow drift of the machine (CPU clock, a
+    neighbour's load) hits all of them alike instead of favouring one.
     """
+    for fn in fns.values():
+        fn()
     best: dict[str, tuple[float, object]] = {}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -135,10 +142,14 @@ def write_plain(source: Path, dest: Path, limit: int | None) -> None:
     """Decompresses ``source`` to ``dest``, keeping the first ``limit`` records.
 
     Both parsers must read the same plain bytes from disk, so decompression is
-    done once here and kept out of the timed part.
+    done once here and kept out of the timed part. A plain ``--data`` file is
+    copied as it is (gzip is told by its magic bytes, as the reader does).
     """
+    with open(source, "rb") as probe:
+        is_gzip = probe.read(2) == b"\x1f\x8b"
     records = 0
-    with gzip.open(source, "rb") as fin, open(dest, "wb") as fout:
+    with (gzip.open(source, "rb") if is_gzip else open(source, "rb")) as fin, \
+            open(dest, "wb") as fout:
         for line in fin:
             if line.startswith(b">"):
                 records += 1
@@ -401,29 +412,47 @@ def bench_seqio(report: Reporter, gz_path: Path, work: Path, batches: int) -> No
             # shuffle buffer's first fill, which a long run amortises away.
             for _ in range(WARMUP_BATCHES):
                 next(it)
+            # The timed batches are cut into windows and the median window
+            # rate is reported: a stream cannot be restarted cheaply for a
+            # best-of, and on a small shared machine one window hit by another
+            # process's burst should not move the figure.
+            windows = max(1, min(SEQIO_WINDOWS, batches))
             tokens = slots = examples = 0
-            start = time.perf_counter()
-            for _ in range(batches):
-                batch = next(it)
-                inputs = batch["encoder_input_tokens"]
-                tokens += int(np.count_nonzero(inputs))
-                slots += inputs.size
-                if pack:
-                    # Segment ids run 1..k within a packed row, so the row's
-                    # maximum is the number of examples packed into it.
-                    examples += int(batch["encoder_segment_ids"].max(axis=1).sum())
-                else:
-                    examples += int(np.count_nonzero(inputs.any(axis=1)))
-            seconds = time.perf_counter() - start
-            results[pack] = (tokens / seconds, tokens / batches)
+            token_rates, example_rates = [], []
+            elapsed = 0.0
+            for window in range(windows):
+                count = batches // windows + (window < batches % windows)
+                w_tokens = w_examples = 0
+                start = time.perf_counter()
+                for _ in range(count):
+                    batch = next(it)
+                    inputs = batch["encoder_input_tokens"]
+                    w_tokens += int(np.count_nonzero(inputs))
+                    slots += inputs.size
+                    if pack:
+                        # Segment ids run 1..k within a packed row, so the
+                        # row's maximum is the number of examples in it.
+                        w_examples += int(batch["encoder_segment_ids"].max(axis=1).sum())
+                    else:
+                        w_examples += int(np.count_nonzero(inputs.any(axis=1)))
+                seconds = time.perf_counter() - start
+                elapsed += seconds
+                tokens += w_tokens
+                examples += w_examples
+                token_rates.append(w_tokens / seconds)
+                example_rates.append(w_examples / seconds)
+            rate = statistics.median(token_rates)
+            results[pack] = (rate, tokens / batches)
             report.emit(f"seqio/{task}/{'packed' if pack else 'unpacked'}",
-                        tokens / seconds, "tokens/s", task=task, pack=pack,
-                        examples_per_s=examples / seconds,
+                        rate, "tokens/s", task=task, pack=pack,
+                        examples_per_s=statistics.median(example_rates),
                         packing_efficiency=tokens / slots,
                         tokens_per_batch=tokens / batches, nonpad_tokens=tokens,
                         token_slots=slots, examples=examples, batches=batches,
+                        windows=windows, tokens_per_s_min=min(token_rates),
+                        tokens_per_s_max=max(token_rates), seconds=elapsed,
                         warmup_batches=WARMUP_BATCHES, batch_size=BATCH_SIZE,
-                        sequence_length=SEQUENCE_LENGTH, seconds=seconds,
+                        sequence_length=SEQUENCE_LENGTH,
                         corpus_records=stats["records_written"],
                         token_count="encoder_input_tokens != 0")
         # speedup compares pipeline tokens/s; tokens_per_batch_gain is what
@@ -444,16 +473,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="best of N for the parse and prepare timings "
                              f"(default 5; {QUICK_REPEATS} with --quick)")
     parser.add_argument("--data", type=Path, default=None,
-                        help=f"gzip FASTA to measure (default {DEFAULT_DATA.relative_to(REPO)}; "
-                             f"falls back to {FALLBACK_DATA.relative_to(REPO)} if absent)")
+                        help=f"FASTA (gzip or plain) to measure (default "
+                             f"{DEFAULT_DATA.relative_to(REPO)}; falls back to "
+                             f"{FALLBACK_DATA.relative_to(REPO)} if absent)")
     parser.add_argument("--batches", type=int, default=None,
                         help=f"timed seqio batches per task and mode (default 200; "
                              f"{QUICK_BATCHES} with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: first {QUICK_RECORDS} records, few repeats (< 60 s)")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (QUICK_REPEATS if args.quick else 5)
-    batches = args.batches or (QUICK_BATCHES if args.quick else 200)
+    repeats = args.repeats
+    if repeats is None:
+        repeats = QUICK_REPEATS if args.quick else 5
+    batches = args.batches
+    if batches is None:
+        batches = QUICK_BATCHES if args.quick else 200
     if repeats < 1 or batches < 1:
         parser.error("--repeats and --batches must be at least 1")
 
@@ -474,12 +508,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data {data}: no such file")
 
     common = {
-        "data": str(data.resolve().relative_to(REPO) if data.resolve().is_relative_to(REPO)
-                    else data),
+        "data": str(data.resolve().relative_to(REPO)
+                    if data.resolve().is_relative_to(REPO) else data),
         "data_fallback": fallback,
         "quick": args.quick,
+        # The load average at start says whether something else was running
+        # (figures from a busy two-core machine are not comparable).
         "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                 "machine": platform.machine()},
+                 "machine": platform.machine(),
+                 "loadavg_1m": round(os.getloadavg()[0], 2)},
         "versions": {name: _version(pkg) for name, pkg in (
             ("protlm_jax", "protlm-jax"), ("jax", "jax"), ("tensorflow", "tensorflow"),
             ("seqio", "seqio"), ("apache_beam", "apache-beam"), ("biopython", "biopython"))},

@@ -3,6 +3,8 @@
     protlm prepare --input GLOB [--input GLOB …] --output DIR [options] [beam options]
     protlm data fetch [--dataset NAME …] [--data_dir DIR]
     protlm examples --task NAME [--num N] [--feature_lengths inputs=64,targets=64]
+    protlm train --gin_file=FILE [--gin_file=FILE …] [--gin.MACRO=value …]
+    protlm eval  --gin_file=FILE [--gin_file=FILE …] [--gin.MACRO=value …]
 
 Errors meant for the user (bad input, bad settings) print one line,
 ``protlm: error: FILE:LINE: reason``, and exit with status 2.
@@ -98,6 +100,39 @@ def _run_examples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_gin_run(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text + ". Gin files are "
+                       "looked up in the working directory and the repository root; "
+                       "--gin.NAME=value binds a macro or parameter (T5X style).")
+    p.add_argument("--gin_file", action="append", default=[], required=True,
+                   help="gin file (repeatable), e.g. gin/experiments/prot_t5_tiny_demo.gin")
+    p.add_argument("--gin_search_paths", action="append", default=[],
+                   help="more folders to look for gin files and includes in")
+
+
+def _split_gin_bindings(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    rest, bindings = [], []
+    for arg in argv:
+        if arg.startswith("--gin.") and "=" in arg:
+            name, value = arg[len("--gin."):].split("=", 1)
+            bindings.append((name, value))
+        else:
+            rest.append(arg)
+    return rest, bindings
+
+
+def _run_gin(args: argparse.Namespace, bindings) -> int:
+    from protlm_jax import gin_config
+
+    gin_config.parse(args.gin_file, bindings, args.gin_search_paths)
+    if args.command == "train":
+        gin_config.train()
+    else:
+        result = gin_config.evaluate()
+        print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="protlm", description="protein language models in JAX: data, "
@@ -106,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_data(sub)
     _add_examples(sub)
+    _add_gin_run(sub, "train", "train or resume a model configured with gin")
+    _add_gin_run(sub, "eval", "evaluate a checkpoint configured with gin")
     return parser
 
 
@@ -114,8 +151,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # TensorFlow's C++ start-up chatter would bury the one-line messages.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, gin_bindings = _split_gin_bindings(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if gin_bindings and args.command not in ("train", "eval"):
+        parser.error("--gin.NAME=value goes with train and eval")
     if extra and args.command != "prepare":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
@@ -127,6 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return data_fetch.run(args)
         if args.command == "examples":
             return _run_examples(args)
+        if args.command in ("train", "eval"):
+            return _run_gin(args, gin_bindings)
     except ProtlmError as e:
         message = " ".join(str(e).split())
         print(f"protlm: error: {message}", file=sys.stderr)

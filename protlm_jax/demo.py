@@ -27,18 +27,23 @@ def _banner(text: str) -> None:
     print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
 
 
-def stage_prepare(workdir: pathlib.Path) -> pathlib.Path:
-    """Prepares the bundled sample; returns the data dir holding the corpus."""
+def prepare_sample(out: pathlib.Path) -> dict:
+    """``protlm prepare`` of the bundled sample into ``out``; returns stats.json."""
     from protlm_jax import cli
 
-    data_dir = workdir / "data"
-    out = data_dir / CORPUS
-    _banner(f"1. protlm prepare --input {SAMPLE.name} --output {out}")
     code = cli.main(["prepare", "--input", str(SAMPLE), "--output", str(out),
                      "--num_shards", "4", "--validation_fraction", "0.05", "--dedup"])
     if code:
         raise SystemExit(code)
-    stats = json.loads((out / "stats.json").read_text())
+    return json.loads((out / "stats.json").read_text())
+
+
+def stage_prepare(workdir: pathlib.Path) -> pathlib.Path:
+    """Prepares the bundled sample; returns the data dir holding the corpus."""
+    data_dir = workdir / "data"
+    out = data_dir / CORPUS
+    _banner(f"1. protlm prepare --input {SAMPLE.name} --output {out}")
+    stats = prepare_sample(out)
     print(json.dumps(stats, indent=1))
     return data_dir
 

@@ -1,0 +1,210 @@
+"""Gin at the edge: configurables and the ``protlm train`` / ``protlm eval`` runs.
+
+This is the only library module that imports gin. It registers the frozen
+config dataclasses as external configurables and defines the two gin-bound
+entry functions, :func:`train` and :func:`evaluate`. Gin files live in
+``gin/`` (``models/``, ``runs/``, ``experiments/``), T5X style:
+
+    protlm train --gin_file=gin/experiments/prot_t5_tiny_demo.gin \\
+        --gin.MODEL_DIR="/tmp/run" --gin.TRAIN_STEPS=300
+
+``--gin.NAME=value`` binds a macro or parameter; a value that is not a gin
+literal is taken as a string, so ``--gin.MODEL_DIR=/tmp/x`` works unquoted.
+The full config is written to ``MODEL_DIR/config.gin`` at start and the
+operative config beside the checkpoints at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import sys
+from typing import Mapping, Optional, Sequence
+
+import gin
+
+from protlm_jax import data_pipeline, objectives, optimizers, trainer
+from protlm_jax.errors import ProtlmError
+from protlm_jax.models import t5
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+gin.external_configurable(t5.T5Config, "T5Config")
+gin.external_configurable(trainer.TrainConfig, "TrainConfig")
+gin.external_configurable(optimizers.OptimizerConfig, "OptimizerConfig")
+gin.external_configurable(optimizers.ScheduleConfig, "ScheduleConfig")
+gin.external_configurable(data_pipeline.DataConfig, "DataConfig")
+gin.external_configurable(objectives.EncDecObjective, "EncDecObjective")
+
+
+def _set_data_dir(data_dir: Optional[str]) -> None:
+    from protlm_jax import data_sources
+
+    if data_dir:
+        data_sources.set_data_dir(data_dir)
+
+
+def _prepare_sample_if_missing(task: str) -> None:
+    """Prepares the bundled sample when a ``uniprot_sample_*`` task has no shards."""
+    from protlm_jax import data_sources, demo
+
+    if not task.startswith("uniprot_sample_"):
+        return
+    directory = data_sources.corpus_dir("uniprot_sample")
+    if list(pathlib.Path(directory).glob("train.tfrecord-*")):
+        return
+    print(f"preparing the bundled sample into {directory}", file=sys.stderr)
+    demo.prepare_sample(pathlib.Path(directory))
+
+
+def _build(model_config: t5.T5Config, data_config: data_pipeline.DataConfig,
+           train_config: trainer.TrainConfig, optimizer_config, objective,
+           extra_metadata: dict) -> trainer.Trainer:
+    import seqio
+
+    import protlm_tasks  # noqa: F401
+
+    converter = data_pipeline.feature_converter(data_config.task, data_config.pack)
+    lengths = converter.get_model_feature_lengths(dict(data_config.feature_lengths))
+    del seqio
+    return trainer.Trainer(
+        model=t5.T5(model_config), objective=objective,
+        optimizer_config=optimizer_config, config=train_config,
+        model_feature_lengths=lengths,
+        init_inputs=("encoder_input_tokens", "decoder_input_tokens"),
+        extra_metadata=extra_metadata)
+
+
+@gin.configurable
+def train(model_config: t5.T5Config = gin.REQUIRED,
+          train_config: trainer.TrainConfig = gin.REQUIRED,
+          data_config: data_pipeline.DataConfig = gin.REQUIRED,
+          eval_data_config: Optional[data_pipeline.DataConfig] = None,
+          optimizer_config: optimizers.OptimizerConfig = optimizers.OptimizerConfig(),
+          objective=objectives.EncDecObjective(),
+          data_dir: Optional[str] = None,
+          prepare_sample_if_missing: bool = False,
+          kill_at_step: Optional[int] = None) -> trainer.TrainState:
+    """Trains (or resumes) a model as configured; returns the final state."""
+    import dataclasses
+
+    import jax
+
+    trainer.maybe_initialize_distributed()
+    _set_data_dir(data_dir)
+    if prepare_sample_if_missing and jax.process_index() == 0:
+        _prepare_sample_if_missing(data_config.task)
+    os.makedirs(train_config.model_dir, exist_ok=True) if "://" not in \
+        train_config.model_dir else None
+    if jax.process_index() == 0:
+        _write_text(os.path.join(train_config.model_dir, "config.gin"), gin.config_str())
+    meta = {"model_config": dataclasses.asdict(model_config),
+            "task": data_config.task, "feature_lengths": dict(data_config.feature_lengths)}
+    run = _build(model_config, data_config, train_config, optimizer_config, objective, meta)
+    pc, pi = jax.process_count(), jax.process_index()
+
+    def make_batches(start):
+        return data_pipeline.batches(data_config, train_config.batch_size,
+                                     seed=train_config.seed, start_batch=start,
+                                     process_index=pi, process_count=pc)
+
+    make_eval = None
+    if eval_data_config is not None:
+        def make_eval():
+            return data_pipeline.batches(eval_data_config, train_config.batch_size,
+                                         seed=train_config.seed, num_epochs=1,
+                                         process_index=pi, process_count=pc)
+
+    state = run.train(make_batches, make_eval, kill_at_step=kill_at_step)
+    if jax.process_index() == 0:
+        _write_text(os.path.join(train_config.model_dir, "checkpoints", "operative_config.gin"),
+                    gin.operative_config_str())
+    return state
+
+
+@gin.configurable
+def evaluate(model_config: t5.T5Config = gin.REQUIRED,
+             train_config: trainer.TrainConfig = gin.REQUIRED,
+             eval_data_config: data_pipeline.DataConfig = gin.REQUIRED,
+             optimizer_config: optimizers.OptimizerConfig = optimizers.OptimizerConfig(),
+             objective=objectives.EncDecObjective(),
+             data_dir: Optional[str] = None,
+             step: Optional[int] = None,
+             max_batches: Optional[int] = None) -> dict:
+    """Evaluates a checkpoint of ``MODEL_DIR`` (latest unless ``step``)."""
+    import jax
+
+    from protlm_jax.checkpoints import Checkpointer
+
+    trainer.maybe_initialize_distributed()
+    _set_data_dir(data_dir)
+    run = _build(model_config, eval_data_config, train_config, optimizer_config,
+                 objective, {})
+    checkpointer = Checkpointer(train_config.model_dir, async_save=False)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise ProtlmError(f"{train_config.model_dir}: no complete checkpoint to evaluate")
+    state, _ = checkpointer.restore(step, run.init_state())
+    batches = data_pipeline.batches(eval_data_config, train_config.batch_size,
+                                    seed=train_config.seed, num_epochs=1,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    metrics = run.evaluate(state, batches, max_batches)
+    checkpointer.close()
+    return {"step": step, **metrics}
+
+
+def _write_text(path: str, text: str) -> None:
+    if "://" in path:
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(text)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _binding(name: str, value: str) -> str:
+    """``NAME = value``, quoting ``value`` when it is not a gin literal."""
+    try:
+        gin.config.parse_value(value)
+        return f"{name} = {value}"
+    except Exception:
+        return f"{name} = {value!r}"
+
+
+def parse(gin_files: Sequence[str], bindings: Mapping[str, str] | Sequence[tuple[str, str]],
+          search_paths: Sequence[str] = ()) -> None:
+    """Parses gin files and ``--gin.NAME=value`` bindings (T5X style).
+
+    Files and their includes (``gin/models/…``) are looked up in the working
+    directory, ``search_paths`` and the repository root, in that order.
+    """
+    roots = [os.getcwd(), *search_paths, str(REPO_ROOT)]
+    for path in reversed(roots):  # gin tries the most recently added first
+        gin.add_config_file_search_path(path)
+    files = []
+    for name in gin_files:
+        found = [os.path.join(r, name) for r in roots if os.path.isfile(os.path.join(r, name))]
+        if not found and not os.path.isfile(name):
+            raise ProtlmError(f"gin: file {name!r} not found in {roots}")
+        files.append(name if os.path.isfile(name) else found[0])
+    items = bindings.items() if isinstance(bindings, Mapping) else bindings
+    root_logger = logging.getLogger()
+    quiet = _DropMissingPathMessages()
+    root_logger.addFilter(quiet)  # gin logs every search-path miss as an error
+    try:
+        gin.parse_config_files_and_bindings(
+            files, [_binding(k, v) for k, v in items], finalize_config=True)
+    except (IOError, ValueError) as e:
+        raise ProtlmError(f"gin: {' '.join(str(e).split())}") from None
+    finally:
+        root_logger.removeFilter(quiet)
+
+
+class _DropMissingPathMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")

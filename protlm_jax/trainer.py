@@ -1,0 +1,426 @@
+"""Pure train/eval steps and the Trainer loop (T5X ideas on jax.sharding).
+
+* ``train_step(state, batch)`` is pure and jitted with explicit in/out
+  shardings and the state donated: gradients are accumulated over
+  microbatches with ``lax.scan``, normalised by the number of target tokens of
+  the whole global batch (so microbatching and data parallelism give the same
+  update as one big batch), and an update with a non-finite loss or gradient is
+  not applied (the state stays the last good one and the loop stops with a
+  clear message).
+* Randomness is ``fold_in(key(seed), step)``: a resumed run draws the same
+  dropout masks as an uninterrupted one.
+* The loop reads host-local batches, turns them into global arrays, logs one
+  concise line per period (process 0 only) and TensorBoard scalars (clu), and
+  checkpoints with orbax.
+
+Shapes: B global batch rows, M microbatches, L lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from protlm_jax import partitioning
+from protlm_jax.errors import ProtlmError
+from protlm_jax.objectives import finalize_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+      model_dir: checkpoints, TensorBoard logs and the operative config.
+      train_steps: total steps (a resumed run stops at the same step).
+      batch_size: global batch rows (all hosts together).
+      microbatches: gradient-accumulation steps per update (divides batch_size).
+      checkpoint_period: save every N steps (and at the end).
+      keep_checkpoints: how many checkpoints to keep.
+      async_checkpoints: save in the background.
+      log_period: metrics every N steps.
+      eval_period: evaluate every N steps (0: only at the end, if eval data).
+      eval_batches: batches per evaluation.
+      seed: parameters, dropout and data order derive from it.
+      model_parallel_size: the "model" mesh axis size.
+      rule_set: logical-axis rules, "1d" or "2d".
+      peak_flops_per_device: for MFU (0: not reported).
+    """
+
+    model_dir: str
+    train_steps: int
+    batch_size: int = 128
+    microbatches: int = 1
+    checkpoint_period: int = 1000
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    log_period: int = 100
+    eval_period: int = 0
+    eval_batches: int = 8
+    seed: int = 0
+    model_parallel_size: int = 1
+    rule_set: str = "1d"
+    peak_flops_per_device: float = 0.0
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (a pytree)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def _split_microbatches(batch: Mapping[str, jax.Array], m: int):
+    # Strided split: microbatch i takes rows i, i+M, … so each microbatch spans
+    # every data shard (a contiguous split would leave devices idle).
+    def split(x):
+        return x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, dict(batch))
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, objective,
+               optimizer: optax.GradientTransformation, schedule: Callable,
+               microbatches: int, seed: int) -> tuple[TrainState, dict]:
+    """One optimizer update on a global batch. Pure; jit it with shardings.
+
+    Returns:
+      (new state, dict of metric sums plus ``learning_rate``, ``grad_norm`` and
+      ``nonfinite`` (1 when the update was skipped)).
+    """
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def grads_and_sums(mb, mb_rng):
+        def loss_fn(params):
+            return objective(model, params, mb, mb_rng, deterministic=False)
+
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return grads, sums
+
+    if microbatches == 1:
+        grads, sums = grads_and_sums(batch, rng)
+    else:
+        parts = _split_microbatches(batch, microbatches)
+        rngs = jax.random.split(rng, microbatches)
+
+        def body(carry, xs):
+            mb, mb_rng = xs
+            g, s = grads_and_sums(mb, mb_rng)
+            return jax.tree.map(jnp.add, carry, (g, s)), None
+
+        zero = jax.eval_shape(grads_and_sums, jax.tree.map(lambda x: x[0], parts), rngs[0])
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+        (grads, sums), _ = jax.lax.scan(body, zero, (parts, rngs))
+
+    # Σ-loss gradients → per-token mean over the whole global batch.
+    denominator = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss"])
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    new_state = TrainState(step=state.step + 1,
+                           params=keep_if_finite(new_params, state.params),
+                           opt_state=keep_if_finite(new_opt_state, state.opt_state))
+    metrics = dict(sums)
+    metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm,
+                   nonfinite=1.0 - finite.astype(jnp.float32))
+    return new_state, metrics
+
+
+def eval_step(params, batch: Mapping[str, jax.Array], *, model, objective) -> dict:
+    """Metric sums on one batch, deterministic (no dropout)."""
+    _, sums = objective(model, params, batch, jax.random.key(0), deterministic=True)
+    return sums
+
+
+def maybe_initialize_distributed() -> None:
+    """``jax.distributed.initialize()`` when more than one process is configured.
+
+    Explicit settings come from ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; on TPU VMs and SLURM jax
+    detects the cluster itself (``PROTLM_DISTRIBUTED=1`` forces the call).
+    CPU processes exchange data through gloo.
+    """
+    num = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    auto = os.environ.get("PROTLM_DISTRIBUTED") == "1" or (
+        "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+    if num <= 1 and not auto:
+        return
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if num > 1:
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=num, process_id=int(os.environ["JAX_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
+
+
+def _dummy_batch(feature_lengths: Mapping[str, int], rows: int) -> dict[str, np.ndarray]:
+    return {k: np.zeros((rows, n), np.int32) for k, n in feature_lengths.items()}
+
+
+class Trainer:
+    """Builds the partitioned state and runs the training loop.
+
+    Args:
+      model: a flax module called as the objective expects.
+      objective: e.g. ``objectives.EncDecObjective()``.
+      optimizer_config: ``optimizers.OptimizerConfig``.
+      config: ``TrainConfig``.
+      model_feature_lengths: model feature name → length (from the seqio
+        feature converter), used to build shapes for initialisation.
+      init_inputs: names of the batch features ``model.init`` takes, in order.
+      extra_metadata: saved with each checkpoint (model config, gin text, …).
+      log: where the one-line summaries go (process 0 only).
+    """
+
+    def __init__(self, *, model, objective, optimizer_config, config: TrainConfig,
+                 model_feature_lengths: Mapping[str, int], init_inputs: tuple[str, ...],
+                 extra_metadata: Optional[dict] = None, log=sys.stdout):
+        from protlm_jax import optimizers
+
+        if config.batch_size % config.microbatches:
+            raise ProtlmError(f"batch_size {config.batch_size} is not divisible by "
+                              f"microbatches {config.microbatches}")
+        self.model, self.objective, self.config = model, objective, config
+        self.optimizer = optimizers.make_optimizer(optimizer_config)
+        self.schedule = optimizers.make_schedule(optimizer_config.schedule)
+        self.model_feature_lengths = dict(model_feature_lengths)
+        self.init_inputs = init_inputs
+        self.extra_metadata = extra_metadata or {}
+        self.log = log
+        self.is_chief = jax.process_index() == 0
+        self.mesh = partitioning.create_mesh(config.model_parallel_size)
+        self.rules = partitioning.standard_logical_axis_rules(config.rule_set)
+        n_data = self.mesh.shape["data"]
+        if config.batch_size // config.microbatches % n_data:
+            raise ProtlmError(f"a microbatch of {config.batch_size // config.microbatches} "
+                              f"rows does not split over the {n_data}-way data axis")
+        self._train_fn = None
+        self._eval_fn = None
+
+    # --- state -------------------------------------------------------------
+
+    def init_state(self) -> TrainState:
+        """Sharded initialisation: nothing is materialised on one device first."""
+        rng = jax.random.key(self.config.seed)
+        dummy = _dummy_batch(self.model_feature_lengths, 1)
+        args = [jnp.asarray(dummy[k]) for k in self.init_inputs]
+
+        def init_params(rng):
+            return self.model.init({"params": rng, "dropout": rng}, *args)["params"]
+
+        params, param_shardings = partitioning.sharded_init(
+            init_params, self.mesh, self.rules, rng)
+        opt_state = jax.jit(self.optimizer.init, in_shardings=(param_shardings,))(params)
+        step = jax.device_put(jnp.zeros([], jnp.int32),
+                              jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        return TrainState(step=step, params=params, opt_state=opt_state)
+
+    @staticmethod
+    def shardings_of(tree):
+        return jax.tree.map(lambda x: x.sharding, tree)
+
+    # --- compiled steps ------------------------------------------------------
+
+    def train_fn(self, state: TrainState):
+        if self._train_fn is None:
+            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            step = lambda s, b: train_step(  # noqa: E731
+                s, b, model=self.model, objective=self.objective, optimizer=self.optimizer,
+                schedule=self.schedule, microbatches=self.config.microbatches,
+                seed=self.config.seed)
+            self._train_fn = partitioning.partitioned_jit(
+                step, self.mesh, self.rules,
+                in_shardings=(self.shardings_of(state), partitioning.batch_sharding(self.mesh)),
+                out_shardings=(self.shardings_of(state), replicated), donate_argnums=(0,))
+        return self._train_fn
+
+    def eval_fn(self, state: TrainState):
+        if self._eval_fn is None:
+            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            fn = lambda p, b: eval_step(p, b, model=self.model,  # noqa: E731
+                                        objective=self.objective)
+            self._eval_fn = partitioning.partitioned_jit(
+                fn, self.mesh, self.rules,
+                in_shardings=(self.shardings_of(state.params),
+                              partitioning.batch_sharding(self.mesh)),
+                out_shardings=replicated)
+        return self._eval_fn
+
+    def step_flops(self, state: TrainState) -> float:
+        """FLOPs of one train step from XLA's cost analysis of the global program."""
+        batch = {k: jax.ShapeDtypeStruct((self.config.batch_size, n), jnp.int32)
+                 for k, n in self.model_feature_lengths.items()}
+        try:
+            analysis = self.train_fn(state).lower(state, batch).cost_analysis()
+            if isinstance(analysis, (list, tuple)):
+                analysis = analysis[0]
+            return float(analysis.get("flops", 0.0))
+        except Exception:  # cost analysis is best-effort on some backends
+            return 0.0
+
+    # --- loop ----------------------------------------------------------------
+
+    def _global(self, batch: Mapping[str, np.ndarray]) -> dict:
+        return partitioning.host_local_to_global(
+            {k: v for k, v in batch.items() if k in self.model_feature_lengths}, self.mesh,
+            global_batch_size=self.config.batch_size)
+
+    def evaluate(self, state: TrainState, batches: Iterator[Mapping[str, np.ndarray]],
+                 max_batches: Optional[int] = None) -> dict[str, float]:
+        """Mean metrics over eval batches."""
+        fn, total = self.eval_fn(state), None
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            sums = jax.device_get(fn(state.params, self._global(batch)))
+            total = sums if total is None else jax.tree.map(np.add, total, sums)
+        if total is None:
+            return {}
+        return finalize_metrics(total)
+
+    def _print(self, text: str) -> None:
+        if self.is_chief:
+            print(text, file=self.log, flush=True)
+
+    def train(self, make_batches: Callable[[int], Iterator[Mapping[str, np.ndarray]]],
+              make_eval_batches: Optional[Callable[[], Iterator]] = None,
+              kill_at_step: Optional[int] = None) -> TrainState:
+        """Runs (or resumes) training to ``train_steps``.
+
+        Args:
+          make_batches: ``start_batch → iterator`` of host-local batches.
+          make_eval_batches: ``() → iterator`` of eval batches (or None).
+          kill_at_step: testing hook: SIGKILL this process right after
+            dispatching that step (simulates a crash at an arbitrary moment).
+
+        Returns:
+          The final state.
+        """
+        from clu import metric_writers
+
+        from protlm_jax.checkpoints import Checkpointer
+
+        cfg = self.config
+        checkpointer = Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints,
+                                    async_save=cfg.async_checkpoints)
+        writer = metric_writers.create_default_writer(
+            os.path.join(cfg.model_dir, "train"), just_logging=not self.is_chief)
+        state = self.init_state()
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            state, meta = checkpointer.restore(latest, state)
+            if meta.get("seed") != cfg.seed:
+                raise ProtlmError(f"{cfg.model_dir}: checkpoint was trained with seed "
+                                  f"{meta.get('seed')}, this run has {cfg.seed}")
+            self._print(f"resumed from step {latest} ({checkpointer.directory})")
+        start = int(jax.device_get(state.step))
+        if start >= cfg.train_steps:
+            self._print(f"already at step {start} ≥ train_steps {cfg.train_steps}")
+            checkpointer.close()
+            return state
+        train_fn = self.train_fn(state)
+        flops = self.step_flops(state) if cfg.peak_flops_per_device else 0.0
+        peak = cfg.peak_flops_per_device * jax.device_count()
+        batches = make_batches(start)
+        pending, t0, last_good = [], time.perf_counter(), latest
+        for step in range(start, cfg.train_steps):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise ProtlmError("the training data ran out (use num_epochs=None)") from None
+            state, metrics = train_fn(state, self._global(batch))
+            pending.append(metrics)
+            if kill_at_step is not None and step + 1 == kill_at_step:
+                os.kill(os.getpid(), 9)
+            done = step + 1
+            if done % cfg.log_period == 0 or done == cfg.train_steps:
+                sums = jax.device_get(pending)
+                pending = []
+                elapsed = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if any(m["nonfinite"] for m in sums):
+                    bad = done - len(sums) + next(i for i, m in enumerate(sums) if m["nonfinite"])
+                    checkpointer.close()
+                    raise ProtlmError(
+                        f"non-finite loss or gradient at step {bad + 1}; stopped without "
+                        f"applying it. Last good checkpoint: step {last_good} in "
+                        f"{checkpointer.directory}")
+                total = jax.tree.map(lambda *x: np.sum(x), *sums)
+                scalars = finalize_metrics(total)
+                scalars["learning_rate"] = float(sums[-1]["learning_rate"])
+                scalars["grad_norm"] = float(np.mean([m["grad_norm"] for m in sums]))
+                scalars["tokens_per_second"] = float(total["weight"]) / elapsed
+                scalars["steps_per_second"] = len(sums) / elapsed
+                if flops and peak:
+                    scalars["mfu"] = flops * len(sums) / elapsed / peak
+                writer.write_scalars(done, scalars)
+                self._print(_summary_line(done, scalars))
+            if done % cfg.checkpoint_period == 0 or done == cfg.train_steps:
+                meta = {"step": done, "data_batches_consumed": done, "seed": cfg.seed,
+                        "train_config": dataclasses.asdict(cfg), **self.extra_metadata}
+                checkpointer.save(done, state, meta)
+                last_good = done
+            if (make_eval_batches is not None and cfg.eval_period
+                    and done % cfg.eval_period == 0 and done != cfg.train_steps):
+                self._log_eval(done, state, make_eval_batches, writer)
+        if make_eval_batches is not None:
+            self._log_eval(cfg.train_steps, state, make_eval_batches, writer)
+        checkpointer.close()
+        writer.flush()
+        return state
+
+    def _log_eval(self, step, state, make_eval_batches, writer) -> dict:
+        scalars = self.evaluate(state, make_eval_batches(), self.config.eval_batches)
+        if scalars:
+            writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+            self._print(f"eval step {step} | " + " | ".join(
+                f"{k} {v:.4f}" for k, v in scalars.items()))
+        return scalars
+
+
+def _summary_line(step: int, s: Mapping[str, float]) -> str:
+    parts = [f"step {step}", f"loss {s['loss']:.4f}"]
+    if "masked_loss" in s and not math.isnan(s["masked_loss"]):
+        parts.append(f"masked_loss {s['masked_loss']:.4f}")
+        parts.append(f"masked_acc {s['masked_accuracy']:.3f}")
+    parts += [f"lr {s['learning_rate']:.2e}", f"gnorm {s['grad_norm']:.3f}",
+              f"{s['tokens_per_second']:,.0f} tok/s"]
+    if "mfu" in s:
+        parts.append(f"MFU {100 * s['mfu']:.1f}%")
+    return " | ".join(parts)
+
+
+def save_json(path: str, value: Any) -> None:
+    """Writes JSON via tf.io.gfile-free local IO or gfile for remote paths."""
+    if "://" in path:
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(path, "w") as f:
+            json.dump(value, f, indent=2)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(value, f, indent=2)
