@@ -2,7 +2,7 @@
 
 import pathlib
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 HERE = pathlib.Path(__file__).parent
 
@@ -24,6 +24,9 @@ setup(
     + ["protlm_tasks"],
     package_dir={"protlm_tasks": "tasks"},
     include_package_data=True,
+    # C fast path of the FASTA reader (protlm_jax/fasta.py falls back to pure
+    # Python when it is not built).
+    ext_modules=[Extension("protlm_jax._fastfasta", ["protlm_jax/_fastfasta.c"])],
     package_data={"protlm_jax": ["py.typed"]},
     install_requires=[
         "absl-py>=2.1",

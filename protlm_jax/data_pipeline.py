@@ -45,6 +45,7 @@ def feature_converter(task_name: str, pack: bool):
     """The seqio converter for a task: encoder-decoder, or MLM for ``*_mlm``."""
     import seqio
 
+    import protlm_tasks  # noqa: F401  (registers the tasks)
     from protlm_jax.feature_converters import MLMFeatureConverter
 
     task = seqio.get_mixture_or_task(task_name)

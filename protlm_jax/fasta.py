@@ -21,17 +21,22 @@ caller decides with :func:`invalid_reason` and counts the drop.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import gzip
 import io
 import os
 import string
 import zlib
-from typing import BinaryIO, Callable, Iterable, Iterator, Optional
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional
 
 from protlm_jax.errors import InputError
 
+try:  # The C fast path (protlm_jax/_fastfasta.c), built by `pip install`.
+    from protlm_jax import _fastfasta
+except ImportError:  # pragma: no cover - a source tree without the build
+    _fastfasta = None
+
 _BUFFER = 1 << 20
+_CHUNK = 1 << 16  # small enough that a gzip error is reported near its line
 _GZIP_MAGIC = b"\x1f\x8b"
 _NEWLINES = b"\r\n"
 _GAPS = b"-."
@@ -42,11 +47,18 @@ _LOWER = string.ascii_lowercase.encode()
 _SEQUENCE_LINE_CHARS = frozenset(
     string.ascii_letters.encode() + _GAPS + _INNER_WHITESPACE + _NEWLINES + b"*")
 
+# Upper-case letters map to themselves and every other byte to NUL: one
+# translate drops the line breaks of a record and flags whatever needs
+# normalising (or is invalid), so clean records take the fast path.
+_CLEAN_TABLE = bytes(c if 65 <= c <= 90 else 0 for c in range(256))
+_new_tuple = tuple.__new__
+# Tests switch this off to check the pure-Python path gives the same records.
+USE_C_PARSER = True
+
 Counts = collections.Counter
 
 
-@dataclasses.dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     """One normalised FASTA record.
 
     Attributes:
@@ -222,6 +234,94 @@ def parse_lines(lines: Iterable[bytes], path: str, *, counts: Counts,
         yield _make_record(header, chunks, line_of_records or header_line, counts)
 
 
+def _blocks(stream: BinaryIO, path: str, state: list) -> Iterator[bytes]:
+    """Yields texts of whole records (start with '>', end with a newline).
+
+    Reads 64 KiB at a time and cuts after the last record boundary; a record
+    longer than that (titin) just spans several reads. ``state[0]`` is the line
+    number where the next text starts, kept up to date by the caller.
+    """
+    pending: list[bytes] = []
+    started = False
+    text = b""
+    try:
+        while True:
+            chunk = stream.read(_CHUNK)
+            if not chunk:
+                break
+            cut = chunk.rfind(b"\n>")
+            if cut < 0:
+                pending.append(chunk)
+                continue
+            pending.append(chunk[:cut + 1])
+            text = b"".join(pending)
+            pending = [chunk[cut + 1:]]
+            if not started:
+                text, started = _start(text, path, state), True
+            yield text
+        text = b"".join(pending)
+    except EOFError:
+        raise InputError(path, state[0] + b"".join(pending).count(b"\n"),
+                         "truncated gzip file (compressed stream ended early)") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise InputError(path, state[0], f"corrupt gzip data ({e})") from None
+    except OSError as e:
+        raise InputError(path, state[0], f"read error ({e})") from None
+    if not started:
+        if not text.strip():
+            return  # an empty file holds no records
+        text = _start(text, path, state)
+    if text:
+        yield text if text.endswith(b"\n") else text + b"\n"
+
+
+def _start(text: bytes, path: str, state: list) -> bytes:
+    stripped = text.lstrip(b"\r\n\t ")
+    state[0] += text[: len(text) - len(stripped)].count(b"\n")
+    if stripped[:1] != b">":
+        raise InputError(path, state[0],
+                         _first_line_problem(stripped.split(b"\n", 1)[0]))
+    return stripped
+
+
+def parse_stream(stream: BinaryIO, path: str, counts: Counts) -> Iterator[Record]:
+    """Parses a binary FASTA stream block by block (the fast path of read_fasta).
+
+    The C extension splits a block into records and joins clean sequences;
+    without it, per record: one partition, one translate (line breaks out,
+    anything not A-Z flagged), two decodes. Either way only flagged records go
+    through the counted normalisation, and both paths give identical records.
+    """
+    state = [1]
+    if _fastfasta is not None and USE_C_PARSER:
+        for text in _blocks(stream, path, state):
+            lineno = state[0]
+            for header, seq, body, lines in _fastfasta.records(text):
+                if seq is None:
+                    seq = _normalise([body], counts).decode("latin-1")
+                description = header.decode("utf-8", "replace").strip()
+                ident = description.split(None, 1)[0] if description else ""
+                yield _new_tuple(Record, (ident, description, seq, lineno))
+                lineno += lines
+            state[0] = lineno
+        return
+    table, crlf_chars = _CLEAN_TABLE, b"\r\n"
+    for text in _blocks(stream, path, state):
+        crlf = b"\r" in text
+        lineno = state[0]
+        for blob in text[1:-1].split(b"\n>"):
+            header, _, body = blob.partition(b"\n")
+            seq = body.translate(table, crlf_chars)
+            breaks = body.count(b"\n") if crlf else len(body) - len(seq)
+            if b"\x00" in seq:
+                seq = _normalise([body], counts)
+            description = header.decode("utf-8", "replace").strip()
+            ident = description.split(None, 1)[0] if description else ""
+            yield _new_tuple(Record, (ident, description, seq.decode("latin-1"), lineno))
+            lineno += breaks + 2
+        state[0] = lineno
+
+
 def read_fasta(path: str, counts: Optional[Counts] = None,
                progress: Optional[Callable[[int], None]] = None) -> Iterator[Record]:
     """Streams the records of a FASTA file (plain or gzip, local or remote).
@@ -246,7 +346,7 @@ def read_fasta(path: str, counts: Optional[Counts] = None,
 
     with stream:
         last = 0
-        for i, record in enumerate(parse_lines(stream, path, counts=counts)):
+        for i, record in enumerate(parse_stream(stream, path, counts)):
             if progress is not None and i % 4096 == 0:
                 now = tell()
                 progress(now - last)

@@ -183,6 +183,7 @@ def parse(gin_files: Sequence[str], bindings: Mapping[str, str] | Sequence[tuple
     Files and their includes (``gin/models/…``) are looked up in the working
     directory, ``search_paths`` and the repository root, in that order.
     """
+    gin.clear_config(clear_constants=True)  # a second run in one process starts clean
     roots = [os.getcwd(), *search_paths, str(REPO_ROOT)]
     for path in reversed(roots):  # gin tries the most recently added first
         gin.add_config_file_search_path(path)

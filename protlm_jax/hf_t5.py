@@ -16,6 +16,7 @@ N layers.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Dict, Mapping, Tuple
 
@@ -164,12 +165,21 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: T5Config,
     return params
 
 
-def _check_complete(params: Dict[str, Any], config: T5Config, encoder_only: bool) -> None:
-    """Compares against the shapes the model expects (unscanned layout)."""
+@functools.lru_cache(maxsize=16)
+def _expected_shapes(config: T5Config, encoder_only: bool) -> Dict[str, Tuple[int, ...]]:
+    """Flat path -> shape of the unscanned params (traced once per config)."""
     expected = nn.meta.unbox(t5.abstract_params(config.replace(scan_layers=False),
                                                 encoder_only=encoder_only))
-    flat_expected = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
-                     for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
+
+
+def _check_complete(params: Dict[str, Any], config: T5Config, encoder_only: bool) -> None:
+    """Compares against the shapes the model expects (unscanned layout)."""
+    # Fields that do not change shapes are normalised so the cache hits.
+    flat_expected = _expected_shapes(
+        config.replace(scan_layers=False, dtype="float32", remat_policy="none",
+                       dropout_rate=0.0), encoder_only)
     flat_got = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
                 for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     missing = sorted(set(flat_expected) - set(flat_got))

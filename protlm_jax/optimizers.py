@@ -6,7 +6,8 @@
 * AdamW with decoupled weight decay (not applied to norms or biases).
 * Schedules: T5X's ``constant * rsqrt_decay`` (``base / sqrt(max(step, warmup))``),
   linear warm-up + linear decay, and linear warm-up + cosine decay.
-* Optional global-norm gradient clipping in front of either optimizer.
+* SGD with momentum (exactness tests, probes).
+* Optional global-norm gradient clipping in front of any optimizer.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class OptimizerConfig:
     """An optimizer.
 
     Attributes:
-      name: "adafactor" or "adamw".
+      name: "adafactor", "adamw" or "sgd" (momentum ``b1``; its update is linear
+        in the gradient, which makes it the optimizer of exactness tests).
       schedule: the learning-rate schedule.
       weight_decay: AdamW decoupled weight decay (matrices and embeddings only).
       b1, b2, eps: AdamW moments.
@@ -101,11 +103,13 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
         opt = optax.adafactor(learning_rate=schedule, decay_rate=config.decay_rate,
                               clipping_threshold=config.clipping_threshold,
                               multiply_by_parameter_scale=True)
+    elif config.name == "sgd":
+        opt = optax.sgd(schedule, momentum=config.b1 or None)
     elif config.name == "adamw":
         opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                           weight_decay=config.weight_decay, mask=_decay_mask)
     else:
-        raise ValueError(f"unknown optimizer {config.name!r} (adafactor, adamw)")
+        raise ValueError(f"unknown optimizer {config.name!r} (adafactor, adamw, sgd)")
     if config.grad_clip_norm:
         opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
     return opt

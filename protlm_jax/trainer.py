@@ -193,11 +193,13 @@ class Trainer:
       init_inputs: names of the batch features ``model.init`` takes, in order.
       extra_metadata: saved with each checkpoint (model config, gin text, …).
       log: where the one-line summaries go (process 0 only).
+      devices: the devices of the mesh (default: all).
     """
 
     def __init__(self, *, model, objective, optimizer_config, config: TrainConfig,
                  model_feature_lengths: Mapping[str, int], init_inputs: tuple[str, ...],
-                 extra_metadata: Optional[dict] = None, log=sys.stdout):
+                 extra_metadata: Optional[dict] = None, log=sys.stdout,
+                 devices: Optional[list] = None):
         from protlm_jax import optimizers
 
         if config.batch_size % config.microbatches:
@@ -211,7 +213,7 @@ class Trainer:
         self.extra_metadata = extra_metadata or {}
         self.log = log
         self.is_chief = jax.process_index() == 0
-        self.mesh = partitioning.create_mesh(config.model_parallel_size)
+        self.mesh = partitioning.create_mesh(config.model_parallel_size, devices)
         self.rules = partitioning.standard_logical_axis_rules(config.rule_set)
         n_data = self.mesh.shape["data"]
         if config.batch_size // config.microbatches % n_data:
@@ -234,8 +236,18 @@ class Trainer:
         params, param_shardings = partitioning.sharded_init(
             init_params, self.mesh, self.rules, rng)
         opt_state = jax.jit(self.optimizer.init, in_shardings=(param_shardings,))(params)
-        step = jax.device_put(jnp.zeros([], jnp.int32),
-                              jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        # XLA derives the optimizer-state shardings from the parameters' (factored
+        # Adafactor statistics follow their parameter's axes); state that does
+        # not depend on a parameter (step counters) lands on one device, so it
+        # is replicated over the mesh like the step.
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        mesh_devices = set(self.mesh.devices.flat)
+
+        def on_mesh(x):
+            return x if x.sharding.device_set == mesh_devices else jax.device_put(x, replicated)
+
+        opt_state = jax.tree.map(on_mesh, opt_state)
+        step = jax.device_put(jnp.zeros([], jnp.int32), replicated)
         return TrainState(step=step, params=params, opt_state=opt_state)
 
     @staticmethod

@@ -10,6 +10,17 @@ from protlm_jax import fasta
 from protlm_jax.errors import InputError
 
 
+@pytest.fixture(autouse=True, params=["c", "python"])
+def parser_path(request, monkeypatch):
+    """Every test runs on the C fast path and on the pure-Python path."""
+    monkeypatch.setattr(fasta, "USE_C_PARSER", request.param == "c")
+    return request.param
+
+
+def test_c_fast_path_is_built(parser_path):
+    assert fasta._fastfasta is not None, "pip install -e . builds protlm_jax._fastfasta"
+
+
 def _write_fasta(path, records, width=60, newline="\n", blank_lines=False):
     with open(path, "w", newline="") as f:
         for ident, seq in records:
