@@ -107,8 +107,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, obje
         def loss_fn(params):
             return objective(model, params, mb, mb_rng, deterministic=False)
 
-        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return grads, sums
+        (total, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return grads, dict(sums, objective=total)
 
     if microbatches == 1:
         grads, sums = grads_and_sums(batch, rng)
@@ -131,7 +131,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, obje
     grad_norm = optax.global_norm(grads)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss"])
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["objective"])
 
     def keep_if_finite(new, old):
         return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)

@@ -1,0 +1,521 @@
+"""``protlm plan``: compile the train step abstractly; print memory, FLOPs and time.
+
+Nothing of model size is ever allocated. Parameters come from
+``jax.eval_shape(model.init)``, the optimizer state from ``eval_shape`` of
+``optimizer.init`` (its shardings from compiling that init against the
+parameter shardings, exactly as ``Trainer.init_state`` runs it), and the train
+step is the ``Trainer.train_fn`` of the real trainer, lowered and compiled on
+``jax.ShapeDtypeStruct``s that carry their shardings. XLA then answers:
+
+* ``compiled.memory_analysis()``: per-device argument, output, aliased
+  (donated), temporary (activations, gradients, workspace) and code bytes;
+* ``compiled.cost_analysis()``: FLOPs of the *partitioned* per-device program
+  (``lowered.cost_analysis()`` is the global, unpartitioned program).
+
+XLA's cost analysis counts the body of a ``while`` loop once, whatever its trip
+count, so a step with scanned layers (``scan_layers=True``) or gradient
+accumulation (``microbatches > 1``) would be undercounted by about the number
+of layers. The FLOPs are then measured on small unscanned probes of the same
+model (1-2 layers per stack, one microbatch of the same global batch) and
+extrapolated linearly in depth, which is exact for identical layers.
+
+On a CPU host, simulate a pod slice with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (``run`` sets it when
+jax has not started yet). Per-device numbers depend only on the model axis and
+the batch per data shard, so a 1x8 mesh at 16 rows predicts each core of a
+128x8 mesh at 2,048 rows; ``target_data_parallelism`` scales the throughput.
+
+Usage (after the gin wrapper ``gin_config.plan_configs``)::
+
+    protlm plan --gin_file=gin/experiments/prot_t5_xl_uniref50.gin \\
+        --mesh=1x8 --batch_per_data_shard=16 --target_mesh=128x8
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from protlm_jax import objectives, optimizers, partitioning, trainer
+from protlm_jax.errors import ProtlmError
+from protlm_jax.models import t5
+
+# The batch features ``T5.init`` takes, in order (as gin_config._build).
+_INIT_INPUTS = ("encoder_input_tokens", "decoder_input_tokens")
+
+
+# ------------------------------------------------------------ abstract state ---
+
+def _with_sharding(shapes: Any, shardings: Any) -> Any:
+    """``ShapeDtypeStruct`` tree with each leaf's sharding attached."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def abstract_train_state(run: trainer.Trainer) -> trainer.TrainState:
+    """The ``TrainState`` that ``run.init_state()`` would build, without arrays.
+
+    Args:
+      run: a ``Trainer`` (its model, optimizer, mesh and rules are used).
+
+    Returns:
+      A ``TrainState`` whose leaves are ``jax.ShapeDtypeStruct``s carrying the
+      ``NamedSharding``s (or XLA-chosen shardings, for the optimizer state)
+      the real state would have.
+    """
+    args = [jax.ShapeDtypeStruct((1, run.model_feature_lengths[k]), jnp.int32)
+            for k in run.init_inputs]
+
+    def init_params(rng, *a):
+        return run.model.init({"params": rng, "dropout": rng}, *a)["params"]
+
+    # Traced under the rules, like partitioning.sharded_init, so the logical
+    # constraints inside the model resolve against this mesh.
+    with partitioning.axis_rules(run.mesh, run.rules):
+        boxed = jax.eval_shape(init_params, jax.random.key(run.config.seed), *args)
+    param_shardings, param_shapes = partitioning.param_shardings(boxed, run.mesh, run.rules)
+    params = _with_sharding(param_shapes, param_shardings)
+
+    # Trainer.init_state lets XLA choose the optimizer-state shardings (factored
+    # Adafactor statistics follow their parameter); compiling the same jit on
+    # abstract inputs yields the same choice without running it.
+    compiled_init = jax.jit(run.optimizer.init,
+                            in_shardings=(param_shardings,)).lower(params).compile()
+    opt_shapes = jax.eval_shape(run.optimizer.init, params)
+    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+    mesh_devices = set(run.mesh.devices.flat)
+
+    # Parameter-independent state (step counters) comes out on one device and
+    # init_state replicates it over the mesh; do the same here.
+    def on_mesh(sharding):
+        return sharding if sharding.device_set == mesh_devices else replicated
+
+    opt_shardings = jax.tree.map(on_mesh, compiled_init.output_shardings)
+    opt_state = _with_sharding(opt_shapes, opt_shardings)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    return trainer.TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Σ over leaves of shard size × itemsize (the largest shard of each leaf).
+
+    Args:
+      tree: ``ShapeDtypeStruct``s (or arrays) with shardings.
+
+    Returns:
+      Bytes one device holds for the tree.
+    """
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(tuple(leaf.shape))
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def total_bytes(tree: Any) -> int:
+    """Σ over leaves of the global size × itemsize."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------- compile ---
+
+def _make_trainer(model_config: t5.T5Config, optimizer_config: optimizers.OptimizerConfig,
+                  train_config: trainer.TrainConfig, model_feature_lengths: Mapping[str, int],
+                  devices: Sequence[Any], objective: Any) -> trainer.Trainer:
+    return trainer.Trainer(
+        model=t5.T5(model_config), objective=objective, optimizer_config=optimizer_config,
+        config=train_config, model_feature_lengths=model_feature_lengths,
+        init_inputs=_INIT_INPUTS, devices=list(devices))
+
+
+def _cost(analysis: Any) -> float:
+    # Older jax returns a one-element list of dicts; some backends return None.
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    return float((analysis or {}).get("flops", 0.0))
+
+
+def _compile_step(run: trainer.Trainer) -> dict:
+    """Lowers and compiles ``run``'s train step on its abstract state and batch."""
+    state = abstract_train_state(run)
+    sharding = partitioning.batch_sharding(run.mesh)
+    batch = {k: jax.ShapeDtypeStruct((run.config.batch_size, n), jnp.int32, sharding=sharding)
+             for k, n in run.model_feature_lengths.items()}
+    start = time.perf_counter()
+    lowered = run.train_fn(state).lower(state, batch)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    return {"state": state, "batch": batch, "lowered": lowered, "compiled": compiled,
+            "compile_seconds": seconds, "flops_per_device": _cost(compiled.cost_analysis()),
+            "flops_global": _cost(lowered.cost_analysis())}
+
+
+def _probe_flops(model_config, optimizer_config, train_config, lengths, devices,
+                 objective) -> tuple[float, float, float]:
+    """FLOPs (per device, global) of the step extrapolated from shallow probes.
+
+    Unscanned, one-microbatch copies with (1, 1), (2, 1) and (1, 2) encoder and
+    decoder layers give the cost outside the stacks and of one layer of each;
+    the step costs ``outside + N_enc·enc_layer + N_dec·dec_layer``. One
+    microbatch of the full global batch does the work of M microbatches (only
+    the gradient sums differ, a negligible number of FLOPs).
+
+    Returns:
+      ``(flops_per_device, flops_global, seconds spent compiling probes)``.
+    """
+    config = dataclasses.replace(train_config, microbatches=1)
+    costs, seconds = {}, 0.0
+    for depth in ((1, 1), (2, 1), (1, 2)):
+        probe = model_config.replace(scan_layers=False, num_encoder_layers=depth[0],
+                                     num_decoder_layers=depth[1])
+        out = _compile_step(_make_trainer(probe, optimizer_config, config, lengths,
+                                          devices, objective))
+        costs[depth] = np.array([out["flops_per_device"], out["flops_global"]])
+        seconds += out["compile_seconds"]
+    enc = costs[(2, 1)] - costs[(1, 1)]
+    dec = costs[(1, 2)] - costs[(1, 1)]
+    outside = costs[(1, 1)] - enc - dec
+    total = (outside + model_config.num_encoder_layers * enc
+             + model_config.num_decoder_layers * dec)
+    return float(total[0]), float(total[1]), seconds
+
+
+# -------------------------------------------------------------------- plan ---
+
+def plan(model_config: t5.T5Config, optimizer_config: optimizers.OptimizerConfig,
+         train_config: trainer.TrainConfig, model_feature_lengths: Mapping[str, int],
+         mesh_shape: tuple[int, int], peak_flops_per_device: float,
+         rule_set: str = "1d", *, assumed_mfu: float = 0.5,
+         objective: Any = None, target_data_parallelism: Optional[int] = None,
+         correct_loop_flops: bool = True) -> dict:
+    """Compiles the train step abstractly and predicts memory, FLOPs and time.
+
+    Args:
+      model_config: the T5 shape (dtype, scan_layers, remat_policy included).
+      optimizer_config: the optimizer (its state is part of the memory).
+      train_config: ``batch_size`` (global rows), ``microbatches``, ``seed``
+        and ``train_steps`` are used; ``model_parallel_size`` and ``rule_set``
+        are replaced by ``mesh_shape`` and ``rule_set``.
+      model_feature_lengths: model feature name → length, e.g. from
+        ``seqio.EncDecFeatureConverter(pack=True).get_model_feature_lengths``.
+      mesh_shape: ``(data, model)``; the first ``data * model`` devices are used.
+      peak_flops_per_device: peak FLOP/s of one device (0: no time prediction).
+      rule_set: logical-axis rules, "1d" or "2d".
+      assumed_mfu: the FLOP utilisation assumed for the "expected" time.
+      objective: the loss (default ``objectives.EncDecObjective()``).
+      target_data_parallelism: also report throughput and run time on a mesh
+        with this many data shards (same model axis and batch per data shard).
+      correct_loop_flops: measure FLOPs on unscanned probes when the step has
+        loops XLA's cost analysis undercounts (scanned layers, microbatches).
+
+    Returns:
+      A dict of plain numbers (see ``format_plan`` for their meaning); bytes
+      and FLOPs are per device unless the key says ``total``/``global``.
+
+    Raises:
+      ProtlmError: too few devices, or a batch that does not split.
+    """
+    data, model = (int(n) for n in mesh_shape)
+    needed = data * model
+    devices = jax.devices()
+    if data < 1 or model < 1 or len(devices) < needed:
+        raise ProtlmError(
+            f"mesh {data}x{model} needs {needed} devices, {len(devices)} "
+            f"{devices[0].platform} device(s) available; on a CPU host set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} (and "
+            "JAX_PLATFORMS=cpu on a machine with fewer accelerators)")
+    devices = devices[:needed]
+    objective = objective if objective is not None else objectives.EncDecObjective()
+    config = dataclasses.replace(train_config, model_parallel_size=model, rule_set=rule_set)
+    lengths = dict(model_feature_lengths)
+    run = _make_trainer(model_config, optimizer_config, config, lengths, devices, objective)
+    out = _compile_step(run)
+    state, compiled = out["state"], out["compiled"]
+
+    memory = compiled.memory_analysis()
+    mem = {name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0) if memory else 0
+           for name in ("argument", "output", "alias", "temp", "generated_code")}
+    # Donated state aliases its output buffers: count them once.
+    mem["peak"] = (mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+                   + mem["generated_code"])
+
+    loops = model_config.scan_layers or config.microbatches > 1
+    flops_method, probe_seconds = "compiled", 0.0
+    flops_device, flops_global = out["flops_per_device"], out["flops_global"]
+    if loops and correct_loop_flops:
+        flops_device, flops_global, probe_seconds = _probe_flops(
+            model_config, optimizer_config, config, lengths, devices, objective)
+        flops_method = "depth-extrapolated unscanned probes"
+    elif loops:
+        flops_method = "compiled (loop bodies counted once: undercounted)"
+
+    rows = config.batch_size
+    seq_len = lengths.get("encoder_input_tokens", max(lengths.values()))
+    tokens = rows * seq_len
+    result = {
+        "platform": devices[0].platform,
+        "mesh": {"data": data, "model": model},
+        "devices": needed,
+        "rule_set": rule_set,
+        "dtype": model_config.dtype,
+        "scan_layers": model_config.scan_layers,
+        "remat_policy": model_config.remat_policy,
+        "optimizer": optimizer_config.name,
+        "batch_size": rows,
+        "batch_per_data_shard": rows // data,
+        "microbatches": config.microbatches,
+        "sequence_length": seq_len,
+        "tokens_per_step": tokens,
+        "total_params": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+        "param_bytes_total": total_bytes(state.params),
+        "param_bytes": bytes_per_device(state.params),
+        "opt_state_bytes_total": total_bytes(state.opt_state),
+        "opt_state_bytes": bytes_per_device(state.opt_state),
+        "batch_bytes": bytes_per_device(out["batch"]),
+        "argument_bytes": mem["argument"],
+        "output_bytes": mem["output"],
+        "alias_bytes": mem["alias"],
+        "temp_bytes": mem["temp"],
+        "generated_code_bytes": mem["generated_code"],
+        "peak_bytes": mem["peak"],
+        "flops_per_device": flops_device,
+        "flops_global": flops_global,
+        "flops_per_device_uncorrected": out["flops_per_device"],
+        "flops_method": flops_method,
+        "compile_seconds": out["compile_seconds"],
+        "probe_compile_seconds": probe_seconds,
+        "peak_flops_per_device": float(peak_flops_per_device),
+        "assumed_mfu": float(assumed_mfu),
+        "train_steps": config.train_steps,
+    }
+    result.update(_timing(result, data, target_data_parallelism))
+    return result
+
+
+def _timing(result: Mapping[str, Any], data: int, target_data: Optional[int]) -> dict:
+    """Step time, tokens/s and run length at MFU 1 and at the assumed MFU."""
+    peak, mfu = result["peak_flops_per_device"], result["assumed_mfu"]
+    if peak <= 0 or result["flops_per_device"] <= 0:
+        return {"step_seconds_at_peak": None, "step_seconds": None,
+                "tokens_per_second_at_peak": None, "tokens_per_second": None,
+                "train_days": None, "target": None}
+    at_peak = result["flops_per_device"] / peak
+    step = at_peak / mfu if mfu > 0 else float("inf")
+    tokens = result["tokens_per_step"]
+    timing = {"step_seconds_at_peak": at_peak, "step_seconds": step,
+              "tokens_per_second_at_peak": tokens / at_peak,
+              "tokens_per_second": tokens / step,
+              "train_days": result["train_steps"] * step / 86400, "target": None}
+    if target_data:
+        # Per-device work is unchanged when only the data axis grows (same rows
+        # per data shard); the gradient all-reduce is not modelled.
+        scale = target_data / data
+        timing["target"] = {
+            "mesh": {"data": target_data, "model": result["mesh"]["model"]},
+            "devices": target_data * result["mesh"]["model"],
+            "batch_size": int(result["batch_size"] * scale),
+            "tokens_per_step": int(tokens * scale),
+            "step_seconds": step,
+            "tokens_per_second": tokens * scale / step,
+            "train_days": result["train_steps"] * step / 86400,
+        }
+    return timing
+
+
+# ------------------------------------------------------------------ format ---
+
+def _bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _num(x: Optional[float], unit: str = "") -> str:
+    if x is None:
+        return "-"
+    for suffix, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:,.2f} {suffix}{unit}"
+    return f"{x:,.3g} {unit}".rstrip()
+
+
+def _seconds(s: Optional[float]) -> str:
+    return "-" if s is None else f"{s:,.3f} s"
+
+
+def format_plan(result: Mapping[str, Any]) -> str:
+    """A readable table of a ``plan`` result.
+
+    Args:
+      result: the dict ``plan`` returns.
+
+    Returns:
+      Multi-line text: the set-up, per-device memory, FLOPs and timing.
+    """
+    r = result
+    mesh = r["mesh"]
+    mfu = r["assumed_mfu"]
+    rows = [
+        ("mesh (data x model)", f"{mesh['data']} x {mesh['model']} = {r['devices']} "
+                                f"{r['platform']} devices, rules {r['rule_set']}"),
+        ("model", f"{r['total_params']:,} params, activations {r['dtype']}, "
+                  f"scan_layers={r['scan_layers']}, remat={r['remat_policy']}"),
+        ("batch", f"{r['batch_size']:,} rows ({r['batch_per_data_shard']:,} per data shard, "
+                  f"{r['microbatches']} microbatch(es)) x {r['sequence_length']} = "
+                  f"{r['tokens_per_step']:,} tokens/step"),
+        ("", ""),
+        ("per device", ""),
+        ("  parameters", f"{_bytes(r['param_bytes'])}  (all: {_bytes(r['param_bytes_total'])})"),
+        ("  optimizer state", f"{_bytes(r['opt_state_bytes'])}  ({r['optimizer']}; all: "
+                              f"{_bytes(r['opt_state_bytes_total'])})"),
+        ("  batch", _bytes(r["batch_bytes"])),
+        ("  XLA arguments", _bytes(r["argument_bytes"])),
+        ("  XLA outputs", f"{_bytes(r['output_bytes'])}  "
+                          f"(aliased to donated args: {_bytes(r['alias_bytes'])})"),
+        ("  XLA temporaries", f"{_bytes(r['temp_bytes'])}  (activations, gradients, workspace)"),
+        ("  generated code", _bytes(r["generated_code_bytes"])),
+        ("  peak estimate", f"{_bytes(r['peak_bytes'])}  (args + outputs - aliased + temps + code)"),
+        ("", ""),
+        ("FLOPs / step / device", f"{_num(r['flops_per_device'], 'FLOP')}  ({r['flops_method']})"),
+        ("FLOPs / step, global", _num(r["flops_global"], "FLOP")),
+        ("peak / device", _num(r["peak_flops_per_device"] or None, "FLOP/s")),
+        ("step time at MFU 1", _seconds(r["step_seconds_at_peak"])),
+        ("tokens/s at MFU 1", _num(r["tokens_per_second_at_peak"])),
+        (f"step time at MFU {mfu:g}", _seconds(r["step_seconds"])),
+        (f"tokens/s at MFU {mfu:g}", _num(r["tokens_per_second"])),
+        (f"{r['train_steps']:,} steps at MFU {mfu:g}",
+         "-" if r["train_days"] is None else f"{r['train_days']:,.1f} days"),
+    ]
+    target = r.get("target")
+    if target:
+        tm = target["mesh"]
+        rows += [
+            ("", ""),
+            (f"on {tm['data']} x {tm['model']} ({target['devices']:,} devices)",
+             f"batch {target['batch_size']:,} rows = {target['tokens_per_step']:,} tokens/step"),
+            (f"  step time at MFU {mfu:g}", _seconds(target["step_seconds"])),
+            (f"  tokens/s at MFU {mfu:g}", _num(target["tokens_per_second"])),
+            (f"  {r['train_steps']:,} steps", f"{target['train_days']:,.1f} days "
+                                             "(gradient all-reduce not modelled)"),
+        ]
+    rows += [("", ""),
+             ("compile time", f"{r['compile_seconds']:,.1f} s"
+              + (f" (+ {r['probe_compile_seconds']:,.1f} s FLOP probes)"
+                 if r["probe_compile_seconds"] else ""))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}".rstrip() if k or v else "" for k, v in rows)
+
+
+# --------------------------------------------------------------------- CLI ---
+
+def _parse_mesh(text: str, flag: str) -> tuple[int, int]:
+    try:
+        data, model = (int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise ProtlmError(f"{flag}: expected DATAxMODEL (e.g. 2x4), got {text!r}") from None
+    if data < 1 or model < 1:
+        raise ProtlmError(f"{flag}: mesh axes must be positive, got {text!r}")
+    return data, model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``protlm plan``'s own options (gin options are the caller's).
+
+    Args:
+      parser: the ``plan`` subcommand's parser.
+    """
+    parser.add_argument("--mesh", default=None, metavar="DATAxMODEL",
+                        help="mesh to compile for (default: all devices, the gin "
+                        "MODEL_PARALLEL_SIZE on the model axis); on a CPU host the "
+                        "devices are simulated")
+    parser.add_argument("--peak_tflops", type=float, default=None, metavar="T",
+                        help="peak TFLOP/s per device (default: the gin "
+                        "PEAK_FLOPS_PER_DEVICE), e.g. 61.5 for a TPU v3 core")
+    parser.add_argument("--mfu", type=float, default=0.5,
+                        help="assumed FLOP utilisation for the expected time (default 0.5)")
+    parser.add_argument("--batch_per_data_shard", type=int, default=None, metavar="N",
+                        help="rows per data shard; the global batch becomes N x data "
+                        "(default: the gin BATCH_SIZE)")
+    parser.add_argument("--target_mesh", default=None, metavar="DATAxMODEL",
+                        help="also report throughput on this mesh (same model axis, "
+                        "same rows per data shard), e.g. 128x8")
+    parser.add_argument("--rule_set", default=None, choices=("1d", "2d"),
+                        help="logical-axis rules (default: the gin TrainConfig.rule_set)")
+    parser.add_argument("--no_flop_probes", action="store_true",
+                        help="report XLA's FLOPs as compiled, even when scanned "
+                        "loops make them an undercount")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def configure_host_devices(count: int) -> None:
+    """Makes the CPU platform offer ``count`` devices if jax has not started.
+
+    ``--xla_force_host_platform_device_count`` is read when jax initialises its
+    backends; set later it has no effect (the device check in ``plan`` then
+    explains). It changes only the CPU platform, so it is harmless on
+    accelerator hosts.
+
+    Args:
+      count: devices the mesh needs.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={count}").strip()
+
+
+def run(args: argparse.Namespace, configs: Sequence[Any]) -> dict:
+    """``protlm plan``: the configs of a gin ``train`` run → printed plan.
+
+    Args:
+      args: parsed options (``add_arguments``).
+      configs: ``(model_config, train_config, data_config, optimizer_config,
+        objective)`` as the gin wrapper reads them from ``train``'s bindings;
+        the last two may be missing (defaults).
+
+    Returns:
+      The ``plan`` result (also printed, as a table or with ``--json``).
+    """
+    from protlm_jax import data_pipeline
+
+    model_config, train_config, data_config, *rest = configs
+    optimizer_config = rest[0] if rest else optimizers.OptimizerConfig()
+    objective = rest[1] if len(rest) > 1 else None
+    if args.mesh:
+        mesh = _parse_mesh(args.mesh, "--mesh")
+        configure_host_devices(mesh[0] * mesh[1])
+    else:
+        model = train_config.model_parallel_size
+        mesh = (len(jax.devices()) // model, model)
+    if args.batch_per_data_shard:
+        train_config = dataclasses.replace(
+            train_config, batch_size=args.batch_per_data_shard * mesh[0])
+    target = None
+    if args.target_mesh:
+        target_data, target_model = _parse_mesh(args.target_mesh, "--target_mesh")
+        if target_model != mesh[1]:
+            raise ProtlmError(f"--target_mesh {args.target_mesh}: its model axis must equal "
+                              f"the compiled mesh's ({mesh[1]})")
+        target = target_data
+    peak = (args.peak_tflops * 1e12 if args.peak_tflops is not None
+            else train_config.peak_flops_per_device)
+    converter = data_pipeline.feature_converter(data_config.task, data_config.pack)
+    lengths = converter.get_model_feature_lengths(dict(data_config.feature_lengths))
+    result = plan(model_config, optimizer_config, train_config, lengths, mesh, peak,
+                  args.rule_set or train_config.rule_set, assumed_mfu=args.mfu,
+                  objective=objective, target_data_parallelism=target,
+                  correct_loop_flops=not args.no_flop_probes)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return result
