@@ -274,7 +274,7 @@ def prepare_plain(path: Path, output: Path) -> dict:
     import tensorflow as tf
 
     from protlm_jax import fasta
-    from protlm_jax.prepare import canonical_digest, shard_name
+    from protlm_jax.prepare import canonical_digest, serialize_example, shard_name
 
     shards: list[list[tuple[bytes, str, str]]] = [[] for _ in range(NUM_SHARDS)]
     read = 0
@@ -291,15 +291,7 @@ def prepare_plain(path: Path, output: Path) -> dict:
         shard.sort()
         with tf.io.TFRecordWriter(str(output / shard_name("train", index, NUM_SHARDS))) as writer:
             for _, ident, sequence in shard:
-                example = tf.train.Example(features=tf.train.Features(feature={
-                    "id": tf.train.Feature(bytes_list=tf.train.BytesList(
-                        value=[ident.encode("utf-8")])),
-                    "sequence": tf.train.Feature(bytes_list=tf.train.BytesList(
-                        value=[sequence.encode("latin-1")])),
-                    "length": tf.train.Feature(int64_list=tf.train.Int64List(
-                        value=[len(sequence)])),
-                }))
-                writer.write(example.SerializeToString(deterministic=True))
+                writer.write(serialize_example(ident, sequence))
                 written += 1
     return {"records_read": read, "records_written": written}
 

@@ -52,6 +52,8 @@ def _prepare_sample_if_missing(task: str) -> None:
     if not task.startswith("uniprot_sample_"):
         return
     directory = data_sources.corpus_dir("uniprot_sample")
+    if "://" in directory:
+        return  # remote data dirs are prepared with `protlm prepare`, not here
     if list(pathlib.Path(directory).glob("train.tfrecord-*")):
         return
     print(f"preparing the bundled sample into {directory}", file=sys.stderr)

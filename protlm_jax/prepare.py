@@ -306,6 +306,19 @@ def assign_shard(record: Rec, config: PrepareConfig) -> tuple[tuple[str, int], R
     return (split, int.from_bytes(digest[:8], "big") % shards), record
 
 
+def serialize_example(ident: str, sequence: str) -> bytes:
+    """``tf.train.Example{id, sequence, length}``, serialised deterministically."""
+    import tensorflow as tf
+
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[ident.encode("utf-8")])),
+        "sequence": tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[sequence.encode("latin-1")])),
+        "length": tf.train.Feature(int64_list=tf.train.Int64List(value=[len(sequence)])),
+    }))
+    return example.SerializeToString(deterministic=True)
+
+
 def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}.tfrecord-{index:05d}-of-{count:05d}"
 
@@ -330,15 +343,7 @@ class WriteShard(beam.DoFn):
         path = os.path.join(self._staging, shard_name(split, index, count))
         with tf.io.TFRecordWriter(path) as writer:
             for _, _, _, ident, sequence in records:
-                example = tf.train.Example(features=tf.train.Features(feature={
-                    "id": tf.train.Feature(bytes_list=tf.train.BytesList(
-                        value=[ident.encode("utf-8")])),
-                    "sequence": tf.train.Feature(bytes_list=tf.train.BytesList(
-                        value=[sequence.encode("latin-1")])),
-                    "length": tf.train.Feature(int64_list=tf.train.Int64List(
-                        value=[len(sequence)])),
-                }))
-                writer.write(example.SerializeToString(deterministic=True))
+                writer.write(serialize_example(ident, sequence))
                 n = len(sequence)
                 lengths.append(n)
                 stats[f"hist:{histogram_bin(n)}"] += 1

@@ -219,3 +219,21 @@ def test_nonfinite_loss_stops_the_loop_and_keeps_the_last_good_checkpoint(
     assert checkpointer.latest_step() == 4
     state, _ = checkpointer.restore(4, run.init_state())
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+@pytest.mark.parametrize("rule_set", ["1d", "2d"])
+@pytest.mark.parametrize("name", ["prot_t5_tiny", "prot_t5_xl_uniref50"])
+def test_every_parameter_resolves_under_both_rule_sets(name, rule_set):
+    from protlm_jax import partitioning
+
+    mesh = partitioning.create_mesh(4)  # 2 × 4 on the 8 simulated devices
+    rules = partitioning.standard_logical_axis_rules(rule_set)
+    for scan in (False, True):
+        abstract = t5.abstract_params(t5.preset(name, scan_layers=scan))
+        shardings, shapes = partitioning.param_shardings(abstract, mesh, rules)
+        leaves = jax.tree.leaves(shardings)
+        assert leaves and len(leaves) == len(jax.tree.leaves(shapes))
+        # The big matrices really are split over the model axis.
+        assert any("model" in str(s.spec) for s in leaves)
+        if rule_set == "2d":
+            assert any("data" in str(s.spec) for s in leaves)
