@@ -5,6 +5,7 @@
     protlm examples --task NAME [--num N] [--feature_lengths inputs=64,targets=64]
     protlm train --gin_file=FILE [--gin_file=FILE …] [--gin.MACRO=value …]
     protlm eval  --gin_file=FILE [--gin_file=FILE …] [--gin.MACRO=value …]
+    protlm plan  --gin_file=FILE --mesh=DATAxMODEL --peak_tflops=T [--gin.MACRO=value …]
 
 Errors meant for the user (bad input, bad settings) print one line,
 ``protlm: error: FILE:LINE: reason``, and exit with status 2.
@@ -108,6 +109,7 @@ def _add_gin_run(sub, name: str, help_text: str) -> None:
                    help="gin file (repeatable), e.g. gin/experiments/prot_t5_tiny_demo.gin")
     p.add_argument("--gin_search_paths", action="append", default=[],
                    help="more folders to look for gin files and includes in")
+    return p
 
 
 def _split_gin_bindings(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -124,6 +126,15 @@ def _split_gin_bindings(argv: Sequence[str]) -> tuple[list[str], list[tuple[str,
 def _run_gin(args: argparse.Namespace, bindings) -> int:
     from protlm_jax import gin_config
 
+    if args.command == "plan":
+        from protlm_jax import plan
+
+        # plan writes nothing; a placeholder satisfies %gin.REQUIRED MODEL_DIR
+        # (checked at parse time); the user's bindings come later and win.
+        gin_config.parse(args.gin_file, [("MODEL_DIR", "/tmp/protlm-plan-unused"),
+                                         *bindings], args.gin_search_paths)
+        plan.run(args, gin_config.plan_configs())
+        return 0
     gin_config.parse(args.gin_file, bindings, args.gin_search_paths)
     if args.command == "train":
         gin_config.train()
@@ -143,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_examples(sub)
     _add_gin_run(sub, "train", "train or resume a model configured with gin")
     _add_gin_run(sub, "eval", "evaluate a checkpoint configured with gin")
+    from protlm_jax import plan
+
+    plan.add_arguments(_add_gin_run(
+        sub, "plan", "compile the train step abstractly; predict per-device memory, "
+        "FLOPs and step time"))
     return parser
 
 
@@ -154,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv, gin_bindings = _split_gin_bindings(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if gin_bindings and args.command not in ("train", "eval"):
+    if gin_bindings and args.command not in ("train", "eval", "plan"):
         parser.error("--gin.NAME=value goes with train and eval")
     if extra and args.command != "prepare":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -167,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return data_fetch.run(args)
         if args.command == "examples":
             return _run_examples(args)
-        if args.command in ("train", "eval"):
+        if args.command in ("train", "eval", "plan"):
             return _run_gin(args, gin_bindings)
     except ProtlmError as e:
         message = " ".join(str(e).split())

@@ -157,6 +157,26 @@ def evaluate(model_config: t5.T5Config = gin.REQUIRED,
     return {"step": step, **metrics}
 
 
+def plan_configs() -> tuple:
+    """The configs a gin ``train`` run is bound to, for ``protlm plan``.
+
+    Reads ``train``'s own bindings (``gin/runs/pretrain.gin`` binds
+    ``train.model_config`` etc.), so planning needs no gin files of its own.
+
+    Returns:
+      (model_config, train_config, data_config, optimizer_config, objective).
+    """
+    bindings = gin.get_bindings("train")
+    missing = [k for k in ("model_config", "train_config", "data_config")
+               if k not in bindings]
+    if missing:
+        raise ProtlmError(f"gin: protlm plan reads the train.* bindings of a run; "
+                          f"train.{missing[0]} is not bound (include gin/runs/pretrain.gin)")
+    return (bindings["model_config"], bindings["train_config"], bindings["data_config"],
+            bindings.get("optimizer_config", optimizers.OptimizerConfig()),
+            bindings.get("objective", objectives.EncDecObjective()))
+
+
 def _write_text(path: str, text: str) -> None:
     if "://" in path:
         import tensorflow as tf

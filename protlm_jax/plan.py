@@ -2,8 +2,8 @@
 
 Nothing of model size is ever allocated. Parameters come from
 ``jax.eval_shape(model.init)``, the optimizer state from ``eval_shape`` of
-``optimizer.init`` (its shardings from compiling that init against the
-parameter shardings, exactly as ``Trainer.init_state`` runs it), and the train
+``optimizer.init`` (with ``Trainer.opt_state_shardings``, as
+``Trainer.init_state`` places it), and the train
 step is the ``Trainer.train_fn`` of the real trainer, lowered and compiled on
 ``jax.ShapeDtypeStruct``s that carry their shardings. XLA then answers:
 
@@ -69,8 +69,7 @@ def abstract_train_state(run: trainer.Trainer) -> trainer.TrainState:
 
     Returns:
       A ``TrainState`` whose leaves are ``jax.ShapeDtypeStruct``s carrying the
-      ``NamedSharding``s (or XLA-chosen shardings, for the optimizer state)
-      the real state would have.
+      ``NamedSharding``s the real state would have.
     """
     args = [jax.ShapeDtypeStruct((1, run.model_feature_lengths[k]), jnp.int32)
             for k in run.init_inputs]
@@ -85,22 +84,11 @@ def abstract_train_state(run: trainer.Trainer) -> trainer.TrainState:
     param_shardings, param_shapes = partitioning.param_shardings(boxed, run.mesh, run.rules)
     params = _with_sharding(param_shapes, param_shardings)
 
-    # Trainer.init_state lets XLA choose the optimizer-state shardings (factored
-    # Adafactor statistics follow their parameter); compiling the same jit on
-    # abstract inputs yields the same choice without running it.
-    compiled_init = jax.jit(run.optimizer.init,
-                            in_shardings=(param_shardings,)).lower(params).compile()
+    # The same explicit optimizer-state shardings as Trainer.init_state.
     opt_shapes = jax.eval_shape(run.optimizer.init, params)
-    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-    mesh_devices = set(run.mesh.devices.flat)
-
-    # Parameter-independent state (step counters) comes out on one device and
-    # init_state replicates it over the mesh; do the same here.
-    def on_mesh(sharding):
-        return sharding if sharding.device_set == mesh_devices else replicated
-
-    opt_shardings = jax.tree.map(on_mesh, compiled_init.output_shardings)
+    opt_shardings = run.opt_state_shardings(param_shapes, param_shardings)
     opt_state = _with_sharding(opt_shapes, opt_shardings)
+    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     return trainer.TrainState(step=step, params=params, opt_state=opt_state)
 
@@ -159,7 +147,7 @@ def _compile_step(run: trainer.Trainer) -> dict:
             "flops_global": _cost(lowered.cost_analysis())}
 
 
-def _probe_flops(model_config, optimizer_config, train_config, lengths, devices,
+def probe_flops(model_config, optimizer_config, train_config, lengths, devices,
                  objective) -> tuple[float, float, float]:
     """FLOPs (per device, global) of the step extrapolated from shallow probes.
 
@@ -252,7 +240,7 @@ def plan(model_config: t5.T5Config, optimizer_config: optimizers.OptimizerConfig
     flops_method, probe_seconds = "compiled", 0.0
     flops_device, flops_global = out["flops_per_device"], out["flops_global"]
     if loops and correct_loop_flops:
-        flops_device, flops_global, probe_seconds = _probe_flops(
+        flops_device, flops_global, probe_seconds = probe_flops(
             model_config, optimizer_config, config, lengths, devices, objective)
         flops_method = "depth-extrapolated unscanned probes"
     elif loops:

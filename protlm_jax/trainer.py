@@ -206,6 +206,7 @@ class Trainer:
             raise ProtlmError(f"batch_size {config.batch_size} is not divisible by "
                               f"microbatches {config.microbatches}")
         self.model, self.objective, self.config = model, objective, config
+        self.optimizer_config = optimizer_config
         self.optimizer = optimizers.make_optimizer(optimizer_config)
         self.schedule = optimizers.make_schedule(optimizer_config.schedule)
         self.model_feature_lengths = dict(model_feature_lengths)
@@ -235,20 +236,45 @@ class Trainer:
 
         params, param_shardings = partitioning.sharded_init(
             init_params, self.mesh, self.rules, rng)
-        opt_state = jax.jit(self.optimizer.init, in_shardings=(param_shardings,))(params)
-        # XLA derives the optimizer-state shardings from the parameters' (factored
-        # Adafactor statistics follow their parameter's axes); state that does
-        # not depend on a parameter (step counters) lands on one device, so it
-        # is replicated over the mesh like the step.
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        opt_shardings = self.opt_state_shardings(abstract, param_shardings)
+        opt_state = jax.jit(self.optimizer.init, in_shardings=(param_shardings,),
+                            out_shardings=opt_shardings)(params)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        mesh_devices = set(self.mesh.devices.flat)
-
-        def on_mesh(x):
-            return x if x.sharding.device_set == mesh_devices else jax.device_put(x, replicated)
-
-        opt_state = jax.tree.map(on_mesh, opt_state)
         step = jax.device_put(jnp.zeros([], jnp.int32), replicated)
         return TrainState(step=step, params=params, opt_state=opt_state)
+
+    def opt_state_shardings(self, abstract_params, param_shardings):
+        """Shardings of the optimizer state, explicit so nothing is replicated.
+
+        A leaf shaped like its parameter (AdamW moments, unfactored Adafactor
+        statistics) takes the parameter's sharding; a factored Adafactor
+        statistic, the parameter's spec without the reduced dimension; the rest
+        (counters, placeholders) is replicated.
+        """
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        state = jax.eval_shape(self.optimizer.init, abstract_params)
+
+        def follow(leaf, sharding, param):
+            spec = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
+            if leaf.shape == param.shape:
+                return sharding
+            candidates = {}
+            if param.ndim >= 1:  # statistics averaged over the last dimension
+                candidates.setdefault(tuple(param.shape[:-1]), []).append(spec[:-1])
+            if param.ndim >= 2:  # … or over the second to last
+                candidates.setdefault(tuple(param.shape[:-2] + param.shape[-1:]),
+                                      []).append(spec[:-2] + spec[-1:])
+            specs = {tuple(c) for c in candidates.get(tuple(leaf.shape), [])}
+            if len(specs) == 1:
+                return NamedSharding(self.mesh, PartitionSpec(*specs.pop()))
+            return replicated  # ambiguous (square) or unrelated: small, replicate
+
+        return optax.tree_map_params(self.optimizer, follow, state, param_shardings,
+                                     abstract_params,
+                                     transform_non_params=lambda _: replicated)
 
     @staticmethod
     def shardings_of(tree):
@@ -282,7 +308,22 @@ class Trainer:
         return self._eval_fn
 
     def step_flops(self, state: TrainState) -> float:
-        """FLOPs of one train step from XLA's cost analysis of the global program."""
+        """FLOPs of one train step (global) from XLA's cost analysis.
+
+        XLA counts a loop body once, so with scanned layers or microbatches the
+        count comes from shallow unscanned probes extrapolated in depth
+        (``plan.probe_flops``).
+        """
+        model_config = getattr(self.model, "config", None)
+        if self.config.microbatches > 1 or getattr(model_config, "scan_layers", False):
+            from protlm_jax import plan
+
+            try:
+                return plan.probe_flops(model_config, self.optimizer_config, self.config,
+                                        self.model_feature_lengths,
+                                        list(self.mesh.devices.flat), self.objective)[1]
+            except Exception:  # best-effort, like the plain analysis below
+                return 0.0
         batch = {k: jax.ShapeDtypeStruct((self.config.batch_size, n), jnp.int32)
                  for k, n in self.model_feature_lengths.items()}
         try:

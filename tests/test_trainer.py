@@ -237,3 +237,20 @@ def test_every_parameter_resolves_under_both_rule_sets(name, rule_set):
         assert any("model" in str(s.spec) for s in leaves)
         if rule_set == "2d":
             assert any("data" in str(s.spec) for s in leaves)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_optimizer_state_is_sharded_like_the_parameters(tmp_path, name):
+    run, _ = _trainer(tmp_path, model_parallel_size=4, optimizer=optimizers.OptimizerConfig(
+        name=name, schedule=optimizers.ScheduleConfig(name="constant", base=1e-3)))
+    state = run.init_state()
+
+    def per_device(tree):
+        return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+    # Nothing big is replicated: each device holds about a quarter of the
+    # parameters (the model axis is 4 wide) and of AdamW's two moments.
+    total = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    assert per_device(state.params) < 0.5 * total
+    if name == "adamw":
+        assert per_device(state.opt_state) < 0.5 * 2 * total
