@@ -35,9 +35,10 @@ import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, TextIO
+
+from _common import claim_stdout, round5, version
 
 # Must be set before anything imports TensorFlow; setdefault keeps a caller's
 # choice (the Makefile exports its own).
@@ -66,34 +67,6 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def claim_stdout() -> TextIO:
-    """Returns a private handle on stdout and points fd 1 at stderr.
-
-    TensorFlow, absl and Beam may write to fd 1 from C++ as well as Python, and
-    the JSON lines must be the only thing on stdout; so the JSON goes through a
-    duplicate of the original fd 1 and everything else lands on stderr.
-    """
-    sys.stdout.flush()
-    json_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return os.fdopen(json_fd, "w", buffering=1)
-
-
-def _version(package: str) -> str:
-    # Read from the installed metadata: importing jax just for its version
-    # would add seconds and is not needed by the pipeline being measured.
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
-def _round(value: float) -> float:
-    # Five significant digits: enough for any comparison, short enough to read.
-    return float(f"{value:.5g}")
-
-
 class Reporter:
     """Writes one JSON line per measurement, with the shared context added."""
 
@@ -103,9 +76,9 @@ class Reporter:
         self.lines: list[dict] = []
 
     def emit(self, benchmark: str, value: float, unit: str, **context) -> None:
-        line = {"benchmark": benchmark, "value": _round(value), "unit": unit}
+        line = {"benchmark": benchmark, "value": round5(value), "unit": unit}
         for key, item in context.items():
-            line[key] = _round(item) if isinstance(item, float) else item
+            line[key] = round5(item) if isinstance(item, float) else item
         line.update(self._common)
         self.lines.append(line)
         self._stream.write(json.dumps(line) + "\n")
@@ -248,7 +221,7 @@ def bench_parse(report: Reporter, layouts: dict[str, Path], repeats: int) -> Non
             report.emit(f"fasta_parse/{parser}", size / MB / seconds, "MB/s",
                         parser=parser, seconds=seconds, **context)
         report.emit("fasta_parse/speedup", size / MB / ours_s, "MB/s",
-                    baseline=_round(size / MB / bio_s), speedup=_round(bio_s / ours_s),
+                    baseline=round5(size / MB / bio_s), speedup=round5(bio_s / ours_s),
                     target_speedup=2.0, outputs_match=same, **context)
 
 
@@ -362,7 +335,7 @@ def bench_prepare(report: Reporter, gz_path: Path, plain_path: Path, work: Path,
                     seconds=beam_s - startup_s, startup_s=startup_s,
                     startup_records=STARTUP_RECORDS, runner="DirectRunner", **context)
     report.emit("prepare/beam_vs_plain", size / MB / beam_s, "MB/s",
-                baseline=_round(size / MB / plain_s), speedup=_round(plain_s / beam_s),
+                baseline=round5(size / MB / plain_s), speedup=round5(plain_s / beam_s),
                 startup_s=startup_s, identical_output=identical, **context)
     shutil.rmtree(outputs, ignore_errors=True)
 
@@ -450,9 +423,9 @@ def bench_seqio(report: Reporter, gz_path: Path, work: Path, batches: int) -> No
         # speedup compares pipeline tokens/s; tokens_per_batch_gain is what
         # packing buys a model step of fixed shape (more real tokens per batch).
         report.emit(f"seqio/{task}/packed_vs_unpacked", results[True][0], "tokens/s",
-                    task=task, baseline=_round(results[False][0]),
-                    speedup=_round(results[True][0] / results[False][0]),
-                    tokens_per_batch_gain=_round(results[True][1] / results[False][1]),
+                    task=task, baseline=round5(results[False][0]),
+                    speedup=round5(results[True][0] / results[False][0]),
+                    tokens_per_batch_gain=round5(results[True][1] / results[False][1]),
                     batches=batches, batch_size=BATCH_SIZE,
                     sequence_length=SEQUENCE_LENGTH)
 
@@ -509,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
                  "machine": platform.machine(),
                  "loadavg_1m": round(os.getloadavg()[0], 2)},
-        "versions": {name: _version(pkg) for name, pkg in (
+        "versions": {name: version(pkg) for name, pkg in (
             ("protlm_jax", "protlm-jax"), ("jax", "jax"), ("tensorflow", "tensorflow"),
             ("seqio", "seqio"), ("apache_beam", "apache-beam"), ("biopython", "biopython"))},
     }

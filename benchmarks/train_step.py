@@ -35,9 +35,10 @@ import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, TextIO
+
+from _common import claim_stdout, round5, version
 
 # Before jax / TensorFlow are imported. A caller's XLA_FLAGS are kept as they
 # are; none are added otherwise (in particular no simulated device count: the
@@ -69,33 +70,9 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def claim_stdout() -> TextIO:
-    """Returns a private handle on stdout and points fd 1 at stderr.
-
-    TensorFlow, absl, XLA and transformers may write to fd 1; the JSON lines
-    must be the only thing on stdout.
-    """
-    sys.stdout.flush()
-    json_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return os.fdopen(json_fd, "w", buffering=1)
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
-def _round(value: float) -> float:
-    return float(f"{value:.5g}")
-
-
 def _clean(value):
     if isinstance(value, float):
-        return _round(value)
+        return round5(value)
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -112,7 +89,7 @@ class Reporter:
         self.lines: list[dict] = []
 
     def emit(self, benchmark: str, value: float, unit: str, **context) -> dict:
-        line = {"benchmark": benchmark, "value": _round(float(value)), "unit": unit}
+        line = {"benchmark": benchmark, "value": round5(float(value)), "unit": unit}
         line.update(_clean(context))
         # The load now, not only at start: other jobs share this machine.
         line["loadavg_1m_now"] = round(os.getloadavg()[0], 2)
@@ -447,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                  "loadavg_5m": round(loadavg_start[1], 2),
                  "jax_devices": [str(d) for d in jax.devices()],
                  "xla_flags": os.environ.get("XLA_FLAGS", "")},
-        "versions": {name: _version(pkg) for name, pkg in (
+        "versions": {name: version(pkg) for name, pkg in (
             ("protlm_jax", "protlm-jax"), ("jax", "jax"), ("jaxlib", "jaxlib"),
             ("flax", "flax"), ("optax", "optax"), ("torch", "torch"),
             ("transformers", "transformers"))},
