@@ -59,6 +59,18 @@ TARGET_MFU = 0.45
 # cores), so it is opt-in: --models prot_t5_small,prot_t5_base, with fewer
 # timed steps (see --base-steps).
 DEFAULT_MODELS = "prot_t5_small"
+# Models beyond the presets: an XL-width slice for the GPU check (4 + 4 layers
+# at ProtT5-XL width), see benchmarks/gpu_train.sh.
+EXTRA_MODELS = {"prot_t5_xl_slice": ("prot_t5_xl_uniref50",
+                                     {"num_encoder_layers": 4, "num_decoder_layers": 4})}
+
+
+def model_config(name: str, **overrides):
+    """A preset, or one of EXTRA_MODELS, with ``overrides``."""
+    from protlm_jax.models import t5
+
+    base, extra = EXTRA_MODELS.get(name, (name, {}))
+    return t5.preset(base, **extra, **overrides)
 DEFAULT_BASE_STEPS = 2
 # --quick keeps the 2 warm-up steps: the second call of the jitted step still
 # compiles once more (the donated output state's layout differs from init's).
@@ -261,7 +273,7 @@ def bench_ours(report: Reporter, name: str, batch_np: dict, *, steps: int, warmu
     from protlm_jax.models import t5
 
     batch, length = batch_np["decoder_target_tokens"].shape
-    config = t5.preset(name, dropout_rate=0.0, dtype=dtype)
+    config = model_config(name, dropout_rate=0.0, dtype=dtype)
     lengths = {"inputs": length, "targets": length}
     converter = seqio.EncDecFeatureConverter(pack=False)
     optimizer = optimizers.OptimizerConfig(
@@ -321,12 +333,11 @@ def bench_hf(report: Reporter, name: str, batch_np: dict, *, steps: int, warmup:
     import transformers
 
     from protlm_jax.hf_t5 import hf_config_from_t5config
-    from protlm_jax.models import t5
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     batch, length = batch_np["decoder_target_tokens"].shape
-    config = t5.preset(name, dropout_rate=0.0)
+    config = model_config(name, dropout_rate=0.0)
     model = transformers.T5ForConditionalGeneration(hf_config_from_t5config(config))
     model = model.float().train()
     params = sum(p.numel() for p in model.parameters())
@@ -393,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true",
                         help="also run ours with bfloat16 activations (first model only)")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    parser.add_argument("--peak_flops", type=float, default=None,
+                        help="peak FLOP/s per device for MFU (default: the measured "
+                        "float32 matmul peak; on a GPU give the card's bf16 peak)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny model and batch (< 60 s); figures not comparable")
     args = parser.parse_args(argv)
@@ -435,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
 
     log("matmul peak")
     peak = bench_peak(report, pick(None, "peak_size", PEAK_SIZE), PEAK_REPEATS)
+    if args.peak_flops:
+        peak = args.peak_flops
+        report.emit("peak/given", peak, "FLOP/s", source="--peak_flops")
     batch_np = make_batch(batch, length)
     log(f"batch {batch}x{length}: {int(batch_np['decoder_loss_weights'].sum())} target tokens")
     for i, name in enumerate(models):

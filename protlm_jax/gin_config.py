@@ -101,8 +101,11 @@ def train(model_config: t5.T5Config = gin.REQUIRED,
         train_config.model_dir else None
     if jax.process_index() == 0:
         _write_text(os.path.join(train_config.model_dir, "config.gin"), gin.config_str())
+    # The full gin config travels inside every checkpoint's metadata, so any
+    # checkpoint says how it was made even if MODEL_DIR/config.gin is lost.
     meta = {"model_config": dataclasses.asdict(model_config),
-            "task": data_config.task, "feature_lengths": dict(data_config.feature_lengths)}
+            "task": data_config.task, "feature_lengths": dict(data_config.feature_lengths),
+            "gin_config": gin.config_str()}
     run = _build(model_config, data_config, train_config, optimizer_config, objective, meta)
     pc, pi = jax.process_count(), jax.process_index()
 

@@ -146,6 +146,16 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, prepared_sample):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step" in proc.stdout
+    # The gin config is saved beside every checkpoint (in its metadata).
+    import json
+
+    steps = [p.name for p in (killed / "checkpoints").iterdir() if p.name.isdigit()]
+    assert "8" in steps
+    for step in steps:
+        meta = json.loads((killed / "checkpoints" / step / "metadata" / "metadata").read_text())
+        assert "TRAIN_STEPS = 8" in meta["gin_config"]
+    assert (whole / "config.gin").exists()
+    assert (whole / "checkpoints" / "operative_config.gin").exists()
     a, b = _final_params(whole), _final_params(killed)
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
