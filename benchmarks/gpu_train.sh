@@ -16,7 +16,8 @@ JAX_VERSION=$(grep '^jax==' constraints.txt | cut -d= -f3)
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet -c constraints.txt -e '.[test]'
-  "$VENV/bin/pip" install --quiet "jax[cuda12]==${JAX_VERSION}"
+  # The CUDA extra must match the driver: JAX_CUDA_EXTRA=cuda12 (default) or cuda13.
+  "$VENV/bin/pip" install --quiet "jax[${JAX_CUDA_EXTRA:-cuda12}]==${JAX_VERSION}"
 fi
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 exec "$VENV/bin/python" benchmarks/train_step.py --models prot_t5_xl_slice --no-hf \
