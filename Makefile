@@ -34,6 +34,7 @@ test: $(STAMP) data
 
 bench: $(STAMP) data
 	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) *.egg-info build
