@@ -63,13 +63,8 @@ def _prepare_sample_if_missing(task: str) -> None:
 def _build(model_config: t5.T5Config, data_config: data_pipeline.DataConfig,
            train_config: trainer.TrainConfig, optimizer_config, objective,
            extra_metadata: dict) -> trainer.Trainer:
-    import seqio
-
-    import protlm_tasks  # noqa: F401
-
     converter = data_pipeline.feature_converter(data_config.task, data_config.pack)
     lengths = converter.get_model_feature_lengths(dict(data_config.feature_lengths))
-    del seqio
     return trainer.Trainer(
         model=t5.T5(model_config), objective=objective,
         optimizer_config=optimizer_config, config=train_config,
@@ -114,14 +109,13 @@ def train(model_config: t5.T5Config = gin.REQUIRED,
                                      seed=train_config.seed, start_batch=start,
                                      process_index=pi, process_count=pc)
 
-    make_eval = None
-    if eval_data_config is not None:
-        def make_eval():
-            return data_pipeline.batches(eval_data_config, train_config.batch_size,
-                                         seed=train_config.seed, num_epochs=1,
-                                         process_index=pi, process_count=pc)
+    def make_eval():
+        return data_pipeline.batches(eval_data_config, train_config.batch_size,
+                                     seed=train_config.seed, num_epochs=1,
+                                     process_index=pi, process_count=pc)
 
-    state = run.train(make_batches, make_eval, kill_at_step=kill_at_step)
+    state = run.train(make_batches, make_eval if eval_data_config is not None else None,
+                      kill_at_step=kill_at_step)
     if jax.process_index() == 0:
         _write_text(os.path.join(train_config.model_dir, "checkpoints", "operative_config.gin"),
                     gin.operative_config_str())

@@ -19,7 +19,6 @@ Shapes: B global batch rows, M microbatches, L lengths.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -464,16 +463,3 @@ def _summary_line(step: int, s: Mapping[str, float]) -> str:
     if "mfu" in s:
         parts.append(f"MFU {100 * s['mfu']:.1f}%")
     return " | ".join(parts)
-
-
-def save_json(path: str, value: Any) -> None:
-    """Writes JSON via tf.io.gfile-free local IO or gfile for remote paths."""
-    if "://" in path:
-        import tensorflow as tf
-
-        with tf.io.gfile.GFile(path, "w") as f:
-            json.dump(value, f, indent=2)
-    else:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(value, f, indent=2)

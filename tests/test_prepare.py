@@ -13,8 +13,6 @@ import tensorflow as tf
 
 from protlm_jax import cli
 
-from conftest import read_sample_records
-
 
 def _prepare(capsys, *args):
     code = cli.main(["prepare", "--no_progress", *map(str, args)])

@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import seqio
 
-import protlm_tasks
+import protlm_tasks  # noqa: F401  (registers the tasks)
 from protlm_jax import data_sources
 from protlm_jax.feature_converters import MLMFeatureConverter
 
@@ -69,8 +68,6 @@ def test_span_corruption_packing(prepared_sample):
 
 
 def test_mlm_packing_scores_exactly_the_chosen_positions(prepared_sample):
-    import protlm_tasks  # noqa: F401
-
     plain = seqio.get_mixture_or_task("uniprot_sample_mlm").get_dataset(
         LENGTHS, split="train", shuffle=False, seed=5)
     first = next(plain.as_numpy_iterator())
