@@ -26,7 +26,7 @@ import io
 import os
 import string
 import zlib
-from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional
+from typing import BinaryIO, Callable, Iterator, NamedTuple, Optional
 
 from protlm_jax.errors import InputError
 
@@ -183,55 +183,17 @@ def _make_record(header: bytes, chunks: list[bytes], line: int,
     return Record(ident, description, sequence, line)
 
 
-def parse_lines(lines: Iterable[bytes], path: str, *, counts: Counts,
-                first_line: int = 1, default_id: Optional[str] = None,
-                line_of_records: Optional[int] = None) -> Iterator[Record]:
-    """Parses FASTA lines (bytes, with line endings) into records.
-
-    Args:
-      lines: an iterable of byte lines.
-      path: the file name used in error messages.
-      counts: a Counter that receives normalisation counts.
-      first_line: the line number of the first line (for error messages).
-      default_id: if set, a header-less text is one record with this id
-        (FFindex entries may hold a bare sequence) instead of an error.
-      line_of_records: if set, every record reports this line (FFindex entries
-        report their index line).
-
-    Yields:
-      Record objects.
-
-    Raises:
-      InputError: structural problems (see the module docstring).
-    """
-    header = None
-    header_line = 0
-    chunks: list[bytes] = []
-    lineno = first_line - 1
-    try:
-        for lineno, line in enumerate(lines, first_line):
-            if line[:1] == b">":
-                if header is not None:
-                    yield _make_record(header, chunks, line_of_records or header_line,
-                                       counts)
-                header, header_line, chunks = line, lineno, []
-            elif header is not None:
-                chunks.append(line)
-            elif default_id is not None:
-                if line.strip() and not line.startswith(b"#"):
-                    header, header_line, chunks = (b">" + default_id.encode(), lineno,
-                                                   [line])
-            elif line.strip():
-                raise InputError(path, lineno, _first_line_problem(line))
-    except EOFError:
-        raise InputError(path, lineno + 1,
-                         "truncated gzip file (compressed stream ended early)") from None
-    except (gzip.BadGzipFile, zlib.error) as e:
-        raise InputError(path, lineno + 1, f"corrupt gzip data ({e})") from None
-    except OSError as e:
-        raise InputError(path, lineno + 1, f"read error ({e})") from None
-    if header is not None:
-        yield _make_record(header, chunks, line_of_records or header_line, counts)
+def _ffindex_entry_as_fasta(entry: bytes, name: str) -> bytes:
+    """An FFindex entry as FASTA text: NULs and leading ``#`` lines (a3m) go,
+    and a bare sequence gets a header named after its index entry."""
+    lines = entry.rstrip(b"\x00").split(b"\n")
+    start = 0
+    while start < len(lines) and (not lines[start].strip() or lines[start].startswith(b"#")):
+        start += 1
+    text = b"\n".join(lines[start:])
+    if text and not text.startswith(b">"):
+        text = b">" + name.encode() + b"\n" + text
+    return text
 
 
 def _blocks(stream: BinaryIO, path: str, state: list) -> Iterator[bytes]:
@@ -406,10 +368,10 @@ def read_ffindex(path: str, counts: Optional[Counts] = None,
                                  f"entry {name!r} runs past the end of {data_path}")
             if progress is not None:
                 progress(length)
-            entry = entry.rstrip(b"\x00")
-            yield from parse_lines(io.BytesIO(entry), index_path, counts=counts,
-                                   first_line=lineno, default_id=name,
-                                   line_of_records=lineno)
+            entry = _ffindex_entry_as_fasta(entry, name)
+            if entry:
+                for record in parse_stream(io.BytesIO(entry), index_path, counts):
+                    yield record._replace(line=lineno)
 
 
 def is_ffindex(path: str) -> bool:

@@ -16,12 +16,25 @@ import jax
 import jax.numpy as jnp
 
 
-def cross_entropy_sums(logits_BxTxV, targets_BxT, weights_BxT, z_loss: float = 0.0):
-    """Sums of token cross-entropy, z-loss and correct predictions.
+def token_losses(logits_BxTxV, targets_BxT):
+    """Per-token cross-entropy, log-normaliser and correctness (float32).
+
+    Returns:
+      (ce_BxT, log_z_BxT, correct_BxT): computed once per batch, then summed
+      under as many weightings as needed (:func:`weighted_sums`).
+    """
+    logits = logits_BxTxV.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets_BxT).astype(jnp.float32)
+    return log_z - target_logit, log_z, correct
+
+
+def weighted_sums(tokens, weights_BxT, z_loss: float = 0.0):
+    """Sums of cross-entropy, z-loss and correct predictions under ``weights``.
 
     Args:
-      logits_BxTxV: float logits (computed in float32 here).
-      targets_BxT: int target ids.
+      tokens: the output of :func:`token_losses`.
       weights_BxT: 0/1 (or real) weights; padding has weight 0.
       z_loss: coefficient of the auxiliary ``log(Z)^2`` loss (T5X: 1e-4), which
         keeps the softmax normaliser near 1.
@@ -30,12 +43,8 @@ def cross_entropy_sums(logits_BxTxV, targets_BxT, weights_BxT, z_loss: float = 0
       dict of scalars: ``loss`` (Σ w·CE), ``z_loss`` (Σ w·z·logZ²), ``correct``,
       ``weight`` (Σ w).
     """
-    logits = logits_BxTxV.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    ce, log_z, correct = tokens
     weights = weights_BxT.astype(jnp.float32)
-    ce = log_z - target_logit
-    correct = (jnp.argmax(logits, axis=-1) == targets_BxT).astype(jnp.float32)
     return {
         "loss": jnp.sum(ce * weights),
         "z_loss": jnp.sum(z_loss * jnp.square(log_z) * weights),
@@ -74,12 +83,13 @@ class EncDecObjective:
             deterministic=deterministic, rngs={"dropout": rng})
         targets = batch["decoder_target_tokens"]
         weights = batch["decoder_loss_weights"]
-        sums = cross_entropy_sums(logits, targets, weights, self.z_loss)
+        tokens = token_losses(logits, targets)
+        sums = weighted_sums(tokens, weights, self.z_loss)
         if self.sentinel_aligned and (batch["encoder_input_tokens"].shape == targets.shape):
             masked = weights * (batch["encoder_input_tokens"] >= self.first_sentinel_id)
         else:
             masked = weights
-        m = cross_entropy_sums(logits, targets, masked)
+        m = weighted_sums(tokens, masked)
         sums.update(masked_loss=m["loss"], masked_correct=m["correct"],
                     masked_weight=m["weight"])
         return sums["loss"] + sums["z_loss"], sums

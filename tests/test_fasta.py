@@ -72,8 +72,8 @@ def test_normalisation_is_explicit_and_counted(tmp_path):
 
 
 def test_rare_residues_are_kept():
-    records = list(fasta.parse_lines([b">x\n", b"UZOBX\n"], "mem",
-                                     counts=collections.Counter()))
+    records = list(fasta.parse_stream(io.BytesIO(b">x\nUZOBX\n"), "mem",
+                                      collections.Counter()))
     assert records[0].sequence == "UZOBX"
 
 

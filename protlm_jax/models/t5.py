@@ -160,6 +160,17 @@ def _dropout(config: T5Config):
     return nn.Dropout(rate=config.dropout_rate)
 
 
+def _residual(cfg: T5Config, x: Array, norm_name: str, block, deterministic: bool):
+    """``x + dropout(block(RMSNorm(x)))``, constrained to (batch, length, embed).
+
+    Called inside a layer's compact ``__call__``, so the norm (and what
+    ``block`` creates) are that layer's submodules.
+    """
+    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=norm_name)(x)
+    x = x + _dropout(cfg)(block(h), deterministic=deterministic)
+    return nn.with_logical_constraint(x, _BLE)
+
+
 class EncoderLayer(nn.Module):
     """Pre-norm self-attention + feed-forward block (bidirectional)."""
     config: T5Config
@@ -169,17 +180,16 @@ class EncoderLayer(nn.Module):
                  deterministic: bool):
         """[B, L, D] -> ([B, L, D], None); the pair form suits ``nn.scan``."""
         cfg, dt = self.config, self.config.activation_dtype
-        h = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name="pre_attention_layer_norm")(x)
-        h = layers.MultiHeadAttention(cfg.num_heads, cfg.d_kv, dt, cfg.dropout_rate,
-                                      name="attention")(h, h, position_bias, mask,
-                                                        deterministic)
-        x = x + _dropout(cfg)(h, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, _BLE)
-        h = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name="pre_mlp_layer_norm")(x)
-        h = layers.MlpBlock(cfg.d_ff, cfg.feed_forward_proj, dt, cfg.dropout_rate,
-                            name="mlp")(h, deterministic)
-        x = x + _dropout(cfg)(h, deterministic=deterministic)
-        return nn.with_logical_constraint(x, _BLE), None
+        attention = layers.MultiHeadAttention(cfg.num_heads, cfg.d_kv, dt, cfg.dropout_rate,
+                                              name="attention")
+        mlp = layers.MlpBlock(cfg.d_ff, cfg.feed_forward_proj, dt, cfg.dropout_rate,
+                              name="mlp")
+        x = _residual(cfg, x, "pre_attention_layer_norm",
+                      lambda h: attention(h, h, position_bias, mask, deterministic),
+                      deterministic)
+        x = _residual(cfg, x, "pre_mlp_layer_norm", lambda h: mlp(h, deterministic),
+                      deterministic)
+        return x, None
 
 
 class DecoderLayer(nn.Module):
@@ -192,24 +202,22 @@ class DecoderLayer(nn.Module):
                  deterministic: bool):
         """[B, T, D] (encoded [B, L, D]) -> ([B, T, D], None)."""
         cfg, dt = self.config, self.config.activation_dtype
-        h = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name="pre_self_attention_layer_norm")(y)
-        h = layers.MultiHeadAttention(cfg.num_heads, cfg.d_kv, dt, cfg.dropout_rate,
-                                      name="self_attention")(h, h, position_bias, self_mask,
-                                                             deterministic)
-        y = y + _dropout(cfg)(h, deterministic=deterministic)
-        y = nn.with_logical_constraint(y, _BLE)
-        h = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name="pre_cross_attention_layer_norm")(y)
+        self_attention = layers.MultiHeadAttention(
+            cfg.num_heads, cfg.d_kv, dt, cfg.dropout_rate, name="self_attention")
+        cross_attention = layers.MultiHeadAttention(
+            cfg.num_heads, cfg.d_kv, dt, cfg.dropout_rate, name="encoder_decoder_attention")
+        mlp = layers.MlpBlock(cfg.d_ff, cfg.feed_forward_proj, dt, cfg.dropout_rate,
+                              name="mlp")
+        y = _residual(cfg, y, "pre_self_attention_layer_norm",
+                      lambda h: self_attention(h, h, position_bias, self_mask, deterministic),
+                      deterministic)
         # Cross-attention has no position bias (as in T5).
-        h = layers.MultiHeadAttention(cfg.num_heads, cfg.d_kv, dt, cfg.dropout_rate,
-                                      name="encoder_decoder_attention")(
-                                          h, encoded, None, cross_mask, deterministic)
-        y = y + _dropout(cfg)(h, deterministic=deterministic)
-        y = nn.with_logical_constraint(y, _BLE)
-        h = layers.RMSNorm(cfg.layer_norm_epsilon, dt, name="pre_mlp_layer_norm")(y)
-        h = layers.MlpBlock(cfg.d_ff, cfg.feed_forward_proj, dt, cfg.dropout_rate,
-                            name="mlp")(h, deterministic)
-        y = y + _dropout(cfg)(h, deterministic=deterministic)
-        return nn.with_logical_constraint(y, _BLE), None
+        y = _residual(cfg, y, "pre_cross_attention_layer_norm",
+                      lambda h: cross_attention(h, encoded, None, cross_mask, deterministic),
+                      deterministic)
+        y = _residual(cfg, y, "pre_mlp_layer_norm", lambda h: mlp(h, deterministic),
+                      deterministic)
+        return y, None
 
 
 def _stack(layer_cls, config: T5Config, num_layers: int, num_broadcast_args: int):
