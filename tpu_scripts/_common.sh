@@ -68,6 +68,26 @@ parse_opt() {
   fi
 }
 
+# The options every TPU VM script shares, with their environment defaults.
+NAME=${PROTLM_TPU_NAME:-}
+ZONE=${PROTLM_ZONE:-}
+PROJECT=${PROTLM_PROJECT:-}
+
+# tpu_vm_opt "$@" — parse one shared option (--help, --dry-run, --name,
+# --zone, --project); sets OPTSHIFT, or returns 1 when $1 is not one of them.
+# The calling script must define usage().
+tpu_vm_opt() {
+  OPTSHIFT=1
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1 ;;
+    --name | --name=*) parse_opt "$@"; NAME=$OPTVAL ;;
+    --zone | --zone=*) parse_opt "$@"; ZONE=$OPTVAL ;;
+    --project | --project=*) parse_opt "$@"; PROJECT=$OPTVAL ;;
+    *) return 1 ;;
+  esac
+}
+
 # require VALUE FLAG ENVVAR — die with one line when VALUE is empty.
 require() {
   [[ -n $1 ]] || die "missing $2 (or set $3); see --help"

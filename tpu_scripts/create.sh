@@ -38,9 +38,6 @@ Example:
 EOF
 }
 
-NAME=${PROTLM_TPU_NAME:-}
-ZONE=${PROTLM_ZONE:-}
-PROJECT=${PROTLM_PROJECT:-}
 ACCELERATOR_TYPE=${PROTLM_ACCELERATOR_TYPE:-v3-8}
 RUNTIME=${PROTLM_RUNTIME:-}
 PREEMPTIBLE=${PROTLM_PREEMPTIBLE:-0}
@@ -49,11 +46,6 @@ EXTRA=()
 
 while (($#)); do
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --name | --name=*) parse_opt "$@"; NAME=$OPTVAL; shift "$OPTSHIFT" ;;
-    --zone | --zone=*) parse_opt "$@"; ZONE=$OPTVAL; shift "$OPTSHIFT" ;;
-    --project | --project=*) parse_opt "$@"; PROJECT=$OPTVAL; shift "$OPTSHIFT" ;;
     --accelerator-type | --accelerator-type=*)
       parse_opt "$@"; ACCELERATOR_TYPE=$OPTVAL; shift "$OPTSHIFT" ;;
     --runtime | --runtime=* | --version | --version=*)
@@ -61,7 +53,7 @@ while (($#)); do
     --preemptible) PREEMPTIBLE=1; shift ;;
     --spot) SPOT=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    *) die "unknown argument '$1'; see --help" ;;
+    *) tpu_vm_opt "$@" || die "unknown argument '$1'; see --help"; shift "$OPTSHIFT" ;;
   esac
 done
 

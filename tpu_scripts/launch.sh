@@ -48,9 +48,6 @@ Example (v3-8 smoke run):
 EOF
 }
 
-NAME=${PROTLM_TPU_NAME:-}
-ZONE=${PROTLM_ZONE:-}
-PROJECT=${PROTLM_PROJECT:-}
 MODEL_DIR=${PROTLM_MODEL_DIR:-}
 DATA_DIR=${PROTLM_DATA_DIR:-}
 RUN_NAME=${PROTLM_RUN_NAME:-}
@@ -67,11 +64,6 @@ TRAIN_ARGS=()
 
 while (($#)); do
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --name | --name=*) parse_opt "$@"; NAME=$OPTVAL; shift "$OPTSHIFT" ;;
-    --zone | --zone=*) parse_opt "$@"; ZONE=$OPTVAL; shift "$OPTSHIFT" ;;
-    --project | --project=*) parse_opt "$@"; PROJECT=$OPTVAL; shift "$OPTSHIFT" ;;
     --gin-file | --gin-file=* | --gin_file | --gin_file=*)
       parse_opt "$@"; shift "$OPTSHIFT"
       ((GIN_FROM_FLAGS)) || GIN_FILES=()
@@ -90,7 +82,7 @@ while (($#)); do
     --stop) STOP_ONLY=1; shift ;;
     --internal-ip) INTERNAL_IP=1; shift ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
-    *) die "unknown argument '$1'; see --help (arguments for protlm train go after --)" ;;
+    *) tpu_vm_opt "$@" || die "unknown argument '$1'; see --help (arguments for protlm train go after --)"; shift "$OPTSHIFT" ;;
   esac
 done
 

@@ -32,9 +32,6 @@ e.g. `tpu_scripts/logs.sh … --all --no-follow --lines 100000 > run.log`.
 EOF
 }
 
-NAME=${PROTLM_TPU_NAME:-}
-ZONE=${PROTLM_ZONE:-}
-PROJECT=${PROTLM_PROJECT:-}
 WORKER=${PROTLM_WORKER:-0}
 ALL=${PROTLM_ALL_WORKERS:-0}
 RUN_NAME=${PROTLM_RUN_NAME:-latest}
@@ -44,18 +41,13 @@ INTERNAL_IP=${PROTLM_INTERNAL_IP:-0}
 
 while (($#)); do
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --name | --name=*) parse_opt "$@"; NAME=$OPTVAL; shift "$OPTSHIFT" ;;
-    --zone | --zone=*) parse_opt "$@"; ZONE=$OPTVAL; shift "$OPTSHIFT" ;;
-    --project | --project=*) parse_opt "$@"; PROJECT=$OPTVAL; shift "$OPTSHIFT" ;;
     --worker | --worker=*) parse_opt "$@"; WORKER=$OPTVAL; shift "$OPTSHIFT" ;;
     --all) ALL=1; shift ;;
     --run-name | --run-name=*) parse_opt "$@"; RUN_NAME=$OPTVAL; shift "$OPTSHIFT" ;;
     --lines | --lines=*) parse_opt "$@"; LINES=$OPTVAL; shift "$OPTSHIFT" ;;
     --no-follow) NO_FOLLOW=1; shift ;;
     --internal-ip) INTERNAL_IP=1; shift ;;
-    *) die "unknown argument '$1'; see --help" ;;
+    *) tpu_vm_opt "$@" || die "unknown argument '$1'; see --help"; shift "$OPTSHIFT" ;;
   esac
 done
 

@@ -44,9 +44,6 @@ Example:
 EOF
 }
 
-NAME=${PROTLM_TPU_NAME:-}
-ZONE=${PROTLM_ZONE:-}
-PROJECT=${PROTLM_PROJECT:-}
 REPO=${PROTLM_REPO:-}
 REF=${PROTLM_REF:-main}
 DIR=${PROTLM_REMOTE_DIR:-protlm-jax}
@@ -55,17 +52,12 @@ INTERNAL_IP=${PROTLM_INTERNAL_IP:-0}
 
 while (($#)); do
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --name | --name=*) parse_opt "$@"; NAME=$OPTVAL; shift "$OPTSHIFT" ;;
-    --zone | --zone=*) parse_opt "$@"; ZONE=$OPTVAL; shift "$OPTSHIFT" ;;
-    --project | --project=*) parse_opt "$@"; PROJECT=$OPTVAL; shift "$OPTSHIFT" ;;
     --repo | --repo=*) parse_opt "$@"; REPO=$OPTVAL; shift "$OPTSHIFT" ;;
     --ref | --ref=*) parse_opt "$@"; REF=$OPTVAL; shift "$OPTSHIFT" ;;
     --dir | --dir=*) parse_opt "$@"; DIR=$OPTVAL; shift "$OPTSHIFT" ;;
     --python | --python=*) parse_opt "$@"; PY=$OPTVAL; shift "$OPTSHIFT" ;;
     --internal-ip) INTERNAL_IP=1; shift ;;
-    *) die "unknown argument '$1'; see --help" ;;
+    *) tpu_vm_opt "$@" || die "unknown argument '$1'; see --help"; shift "$OPTSHIFT" ;;
   esac
 done
 

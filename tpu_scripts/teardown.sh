@@ -25,22 +25,14 @@ Options (environment variable in brackets; the flag wins):
 EOF
 }
 
-NAME=${PROTLM_TPU_NAME:-}
-ZONE=${PROTLM_ZONE:-}
-PROJECT=${PROTLM_PROJECT:-}
 YES=${PROTLM_YES:-0}
 ASYNC=${PROTLM_ASYNC:-0}
 
 while (($#)); do
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --name | --name=*) parse_opt "$@"; NAME=$OPTVAL; shift "$OPTSHIFT" ;;
-    --zone | --zone=*) parse_opt "$@"; ZONE=$OPTVAL; shift "$OPTSHIFT" ;;
-    --project | --project=*) parse_opt "$@"; PROJECT=$OPTVAL; shift "$OPTSHIFT" ;;
     -y | --yes) YES=1; shift ;;
     --async) ASYNC=1; shift ;;
-    *) die "unknown argument '$1'; see --help" ;;
+    *) tpu_vm_opt "$@" || die "unknown argument '$1'; see --help"; shift "$OPTSHIFT" ;;
   esac
 done
 
