@@ -36,9 +36,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable
 
-from _common import claim_stdout, round5, version
+from _common import Reporter, claim_stdout, round5, version
 
 # Must be set before anything imports TensorFlow; setdefault keeps a caller's
 # choice (the Makefile exports its own).
@@ -65,23 +65,6 @@ STARTUP_RECORDS = 10
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-class Reporter:
-    """Writes one JSON line per measurement, with the shared context added."""
-
-    def __init__(self, stream: TextIO, common: dict):
-        self._stream = stream
-        self._common = common
-        self.lines: list[dict] = []
-
-    def emit(self, benchmark: str, value: float, unit: str, **context) -> None:
-        line = {"benchmark": benchmark, "value": round5(value), "unit": unit}
-        for key, item in context.items():
-            line[key] = round5(item) if isinstance(item, float) else item
-        line.update(self._common)
-        self.lines.append(line)
-        self._stream.write(json.dumps(line) + "\n")
 
 
 def best_of(repeats: int,

@@ -36,9 +36,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable
 
-from _common import claim_stdout, round5, version
+from _common import Reporter, claim_stdout, version
 
 # Before jax / TensorFlow are imported. A caller's XLA_FLAGS are kept as they
 # are; none are added otherwise (in particular no simulated device count: the
@@ -80,35 +80,6 @@ QUICK = {"steps": 3, "batch": 2, "length": 64, "models": "prot_t5_tiny",
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _clean(value):
-    if isinstance(value, float):
-        return round5(value)
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-class Reporter:
-    """Writes one JSON line per measurement, with the shared context added."""
-
-    def __init__(self, stream: TextIO, common: dict):
-        self._stream = stream
-        self._common = common
-        self.lines: list[dict] = []
-
-    def emit(self, benchmark: str, value: float, unit: str, **context) -> dict:
-        line = {"benchmark": benchmark, "value": round5(float(value)), "unit": unit}
-        line.update(_clean(context))
-        # The load now, not only at start: other jobs share this machine.
-        line["loadavg_1m_now"] = round(os.getloadavg()[0], 2)
-        line.update(self._common)
-        self.lines.append(line)
-        self._stream.write(json.dumps(line) + "\n")
-        return line
 
 
 # --------------------------------------------------------------- the batch ---

@@ -160,6 +160,22 @@ def _dropout(config: T5Config):
     return nn.Dropout(rate=config.dropout_rate)
 
 
+def _position_bias(cfg: T5Config, length: int, positions: Optional[Array], *,
+                   bidirectional: bool) -> Array:
+    """The stack's one relative position bias table applied to [B|1, H, L, L].
+
+    Called inside a stack's compact ``__call__`` (the table is its
+    ``relpos_bias`` submodule); encoder buckets are bidirectional, decoder
+    buckets causal.
+    """
+    rel = layers.relative_positions(length, length, positions, positions)
+    return layers.RelativePositionBias(
+        cfg.num_heads, cfg.relative_attention_num_buckets,
+        cfg.relative_attention_max_distance, bidirectional=bidirectional,
+        embedding_init=nn.initializers.normal(cfg.d_model ** -0.5),
+        name="relpos_bias")(rel)
+
+
 def _residual(cfg: T5Config, x: Array, norm_name: str, block, deterministic: bool):
     """``x + dropout(block(RMSNorm(x)))``, constrained to (batch, length, embed).
 
@@ -271,12 +287,7 @@ class Encoder(nn.Module):
         """
         cfg = self.config
         length = tokens.shape[1]
-        rel = layers.relative_positions(length, length, positions, positions)
-        bias = layers.RelativePositionBias(
-            cfg.num_heads, cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance, bidirectional=True,
-            embedding_init=nn.initializers.normal(cfg.d_model ** -0.5),
-            name="relpos_bias")(rel)
+        bias = _position_bias(cfg, length, positions, bidirectional=True)
         mask = layers.make_attention_mask(
             query_length=length, key_length=length,
             key_valid=None if segment_ids is not None else tokens != cfg.pad_id,
@@ -307,12 +318,7 @@ class Decoder(nn.Module):
         cfg = self.config
         length = decoder_input_tokens.shape[1]
         enc_length = encoder_input_tokens.shape[1]
-        rel = layers.relative_positions(length, length, decoder_positions, decoder_positions)
-        bias = layers.RelativePositionBias(
-            cfg.num_heads, cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance, bidirectional=False,
-            embedding_init=nn.initializers.normal(cfg.d_model ** -0.5),
-            name="relpos_bias")(rel)
+        bias = _position_bias(cfg, length, decoder_positions, bidirectional=False)
         # Without segment ids decoder padding needs no mask: it sits after the
         # real tokens, which causality already hides it from (as in HF). Input
         # id 0 is also the start token, so it cannot mark padding here.
