@@ -21,7 +21,9 @@ from protlm_jax import preprocessors as pp
 from protlm_jax.data_sources import corpus_source
 from protlm_jax.vocabularies import ProtBertVocabulary, ProtT5Vocabulary
 
-CORPORA = ("uniref50", "uniref100", "bfd", "uniprot_sample")
+# uniprot20k: the 20,000 UniProtKB records `protlm data fetch` obtains (prepared
+# with `protlm prepare`, e.g. with `--exclude` of the probe test sets).
+CORPORA = ("uniref50", "uniref100", "bfd", "uniprot_sample", "uniprot20k")
 
 PROTT5_VOCABULARY = ProtT5Vocabulary()
 PROTBERT_VOCABULARY = ProtBertVocabulary()
