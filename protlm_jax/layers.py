@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -261,6 +262,48 @@ def make_attention_mask(*, query_length: int, key_length: int,
     return mask
 
 
+def relative_position_bias(table: Array, relative_position: Array, *, bidirectional: bool,
+                           max_distance: int = 128) -> Array:
+    """Gathers a [H, R] bias table at the T5 buckets of ``relative_position``.
+
+    Args:
+      table: [H, R] learned bias per head and bucket.
+      relative_position: [B|1, T, S] int, key minus query position.
+      bidirectional: encoder (True) or causal decoder (False) bucketing.
+      max_distance: offset from which all positions share a bucket.
+
+    Returns:
+      [B|1, H, T, S] float32 bias.
+    """
+    buckets = relative_position_bucket(
+        relative_position, bidirectional=bidirectional, num_buckets=table.shape[-1],
+        max_distance=max_distance)
+    # Gather in [..., T, S, H] then move heads forward ([B|1, H, T, S]).
+    bias = jnp.take(table.T, buckets, axis=0)
+    return jnp.moveaxis(bias, -1, -3)
+
+
+@flax.struct.dataclass
+class PositionBiasTable:
+    """A stack's relative position table plus its bucketing, as a pytree.
+
+    Passed to attention instead of a materialised [1, H, L, L] bias so that
+    chunked attention computes the bias of one block of (query, key) pairs at a
+    time: memory then grows linearly with the length. Only the table is traced;
+    it crosses ``nn.scan``/``nn.remat`` like any array.
+    """
+    table: Array  # [H, R]
+    bidirectional: bool = flax.struct.field(pytree_node=False)
+    max_distance: int = flax.struct.field(pytree_node=False)
+
+    def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+        """Bias for absolute positions: [T] and [S] -> [1, H, T, S] float32."""
+        rel = (key_positions.astype(jnp.int32)[None, :]
+               - query_positions.astype(jnp.int32)[:, None])
+        return relative_position_bias(self.table, rel[None], bidirectional=self.bidirectional,
+                                      max_distance=self.max_distance)
+
+
 class RelativePositionBias(nn.Module):
     """Learned per-head bias indexed by relative-position bucket (one table per stack)."""
     num_heads: int
@@ -269,7 +312,12 @@ class RelativePositionBias(nn.Module):
     bidirectional: bool = True
     embedding_init: Initializer = _normal(1.0)
 
-    @nn.compact
+    def setup(self):
+        self.rel_embedding = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(self.embedding_init, ("heads", "relpos_buckets")),
+            (self.num_heads, self.num_buckets), jnp.float32)
+
     def __call__(self, relative_position: Array) -> Array:
         """Looks up the bias for each (query, key) pair.
 
@@ -279,16 +327,95 @@ class RelativePositionBias(nn.Module):
         Returns:
           [B|1, H, T, S] float32 bias.
         """
-        table = self.param(
-            "rel_embedding",
-            nn.with_logical_partitioning(self.embedding_init, ("heads", "relpos_buckets")),
-            (self.num_heads, self.num_buckets), jnp.float32)
-        buckets = relative_position_bucket(
-            relative_position, bidirectional=self.bidirectional,
-            num_buckets=self.num_buckets, max_distance=self.max_distance)
-        # Gather in [..., T, S, H] then move heads forward ([B|1, H, T, S]).
-        bias = jnp.take(table.T, buckets, axis=0)
-        return jnp.moveaxis(bias, -1, -3)
+        return relative_position_bias(self.rel_embedding, relative_position,
+                                      bidirectional=self.bidirectional,
+                                      max_distance=self.max_distance)
+
+    def table(self) -> PositionBiasTable:
+        """The table and its bucketing, for bias computed block by block."""
+        return PositionBiasTable(self.rel_embedding, self.bidirectional, self.max_distance)
+
+
+def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
+    """Pads ``axis`` of ``x`` at the end up to ``size``."""
+    pad = size - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def chunked_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, *,
+                      bias: Optional[PositionBiasTable], key_mask: Optional[Array],
+                      chunk_size: int) -> Array:
+    """Exact softmax attention computed block by block (online softmax).
+
+    Queries are processed ``chunk_size`` at a time (``lax.map``); for each
+    query block the keys are visited ``chunk_size`` at a time (``lax.scan``)
+    keeping a running maximum, normaliser and weighted sum in float32, so the
+    largest intermediate is one [B, H, C, C] block whatever the length: memory
+    grows linearly with the length instead of quadratically. The T5 position
+    bias of each block is computed from the table on the fly. The result equals
+    the plain softmax up to float rounding (sums taken in another order).
+
+    Masked keys get the same finite minimum logit as the plain path, so a row
+    with no valid key comes out as the same uniform average.
+
+    Args:
+      q_BTHK: [B, T, H, K] queries.
+      k_BSHK: [B, S, H, K] keys.
+      v_BSHK: [B, S, H, K] values.
+      bias: the position bias table, or None.
+      key_mask: optional [B|1, S] bool, True at keys that may be attended.
+      chunk_size: C, the block length for queries and keys.
+
+    Returns:
+      [B, T, H, K] in the dtype of ``v_BSHK``.
+    """
+    b, t, h, k = q_BTHK.shape
+    s = k_BSHK.shape[1]
+    c = chunk_size
+    nq, nk = -(-t // c), -(-s // c)
+    neg = jnp.finfo(jnp.float32).min
+    if key_mask is None:
+        key_mask = jnp.ones((1, s), bool)
+    # Padded keys are masked; padded queries are computed and dropped.
+    mask_nBS = _pad_axis(key_mask.astype(bool), 1, nk * c, False)
+    mask_nBC = mask_nBS.reshape(mask_nBS.shape[0], nk, c).swapaxes(0, 1)
+    k_nBCHK = _pad_axis(k_BSHK, 1, nk * c).reshape(b, nk, c, h, k).swapaxes(0, 1)
+    v_nBCHK = _pad_axis(v_BSHK, 1, nk * c).reshape(b, nk, c, h, k).swapaxes(0, 1)
+    q_nBCHK = _pad_axis(q_BTHK, 1, nq * c).reshape(b, nq, c, h, k).swapaxes(0, 1)
+    offsets = jnp.arange(c, dtype=jnp.int32)
+
+    def query_block(args):
+        qi, q_BCHK = args
+        q_pos = qi * c + offsets
+
+        def key_block(carry, xs):
+            m_BHC, l_BHC, acc_BCHK = carry
+            kj, k_BCHK, v_BCHK, mask_BC = xs
+            logits = jnp.einsum("bqhk,bshk->bhqs", q_BCHK, k_BCHK).astype(jnp.float32)
+            if bias is not None:
+                logits = logits + bias(q_pos, kj * c + offsets)
+            logits = jnp.where(mask_BC[:, None, None, :], logits, neg)
+            m_new = jnp.maximum(m_BHC, logits.max(axis=-1))
+            p = jnp.exp(logits - m_new[..., None])
+            correction = jnp.exp(m_BHC - m_new)
+            l_new = l_BHC * correction + p.sum(axis=-1)
+            pv = jnp.einsum("bhqs,bshk->bqhk", p.astype(v_BCHK.dtype), v_BCHK)
+            acc_new = (acc_BCHK * jnp.moveaxis(correction, 1, 2)[..., None]
+                       + pv.astype(jnp.float32))
+            return (m_new, l_new, acc_new), None
+
+        init = (jnp.full((b, h, c), -jnp.inf, jnp.float32), jnp.zeros((b, h, c), jnp.float32),
+                jnp.zeros((b, c, h, k), jnp.float32))
+        (_, l_BHC, acc_BCHK), _ = jax.lax.scan(
+            key_block, init, (jnp.arange(nk, dtype=jnp.int32), k_nBCHK, v_nBCHK, mask_nBC))
+        return (acc_BCHK / jnp.moveaxis(l_BHC, 1, 2)[..., None]).astype(v_BSHK.dtype)
+
+    out_nBCHK = jax.lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), q_nBCHK))
+    return out_nBCHK.swapaxes(0, 1).reshape(b, nq * c, h, k)[:, :t]
 
 
 class MultiHeadAttention(nn.Module):
@@ -296,11 +423,17 @@ class MultiHeadAttention(nn.Module):
 
     Logits and softmax run in float32 whatever ``dtype`` is, so bfloat16
     activations do not lose the bias or the mask.
+
+    With ``chunk_size`` set and a longer query or key sequence, attention runs
+    block by block (:func:`chunked_attention`): exact, memory linear in the
+    length. That needs the bias as a :class:`PositionBiasTable` (or none) and a
+    mask of keys only ([B|1, 1, 1, S]); otherwise the plain path runs.
     """
     num_heads: int
     d_kv: int
     dtype: DType = jnp.float32
     dropout_rate: float = 0.0
+    chunk_size: Optional[int] = None
     # Defaults follow HF T5 init; the query std folds in the missing
     # 1/sqrt(d_kv) (mesh-tf convention). None means: derive from the shapes.
     query_init: Optional[Initializer] = None
@@ -309,14 +442,15 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_q: Array, inputs_kv: Array,
-                 bias: Optional[Array] = None, mask: Optional[Array] = None,
-                 deterministic: bool = True) -> Array:
+                 bias: Union[Array, PositionBiasTable, None] = None,
+                 mask: Optional[Array] = None, deterministic: bool = True) -> Array:
         """Attends from ``inputs_q`` to ``inputs_kv``.
 
         Args:
           inputs_q: [B, T, D] queries.
           inputs_kv: [B, S, D] keys/values.
-          bias: optional [B|1, H, T, S] float position bias added to logits.
+          bias: optional [B|1, H, T, S] float position bias added to logits,
+            or the table it comes from (absolute positions ``arange``).
           mask: optional [B|1, 1|H, T, S] bool, True where attention is allowed.
           deterministic: disables attention dropout.
 
@@ -340,22 +474,68 @@ class MultiHeadAttention(nn.Module):
         k_BSHK = nn.with_logical_constraint(k_BSHK, ("batch", "length", "heads", "kv"))
         v_BSHK = nn.with_logical_constraint(v_BSHK, ("batch", "length", "heads", "kv"))
 
-        logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK).astype(jnp.float32)
-        if bias is not None:
-            logits_BHTS = logits_BHTS + bias.astype(jnp.float32)
-        if mask is not None:
-            # Same effect as HF's additive finfo.min mask; a finite value keeps
-            # a fully masked row (packed padding) uniform instead of NaN.
-            logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
-        weights_BHTS = jax.nn.softmax(logits_BHTS, axis=-1)
-        if not deterministic and self.dropout_rate > 0.0:
-            weights_BHTS = nn.Dropout(rate=self.dropout_rate)(
-                weights_BHTS, deterministic=False)
-        weights_BHTS = weights_BHTS.astype(self.dtype)
-        out_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK)
+        t, s = q_BTHK.shape[1], k_BSHK.shape[1]
+        # Blocks need the bias as a table and a key-only mask; a materialised
+        # bias or a per-query mask (packing) means the plain path.
+        chunkable = ((bias is None or isinstance(bias, PositionBiasTable))
+                     and (mask is None or (mask.shape[1], mask.shape[2]) == (1, 1)))
+        if self.chunk_size is not None and max(t, s) > self.chunk_size and chunkable:
+            if not deterministic and self.dropout_rate > 0.0:
+                raise ValueError("chunked attention has no attention dropout; "
+                                 "use it for inference or set dropout_rate=0")
+            out_BTHK = chunked_attention(
+                q_BTHK, k_BSHK, v_BSHK, bias=bias, chunk_size=self.chunk_size,
+                key_mask=None if mask is None else mask[:, 0, 0, :])
+        else:
+            if isinstance(bias, PositionBiasTable):
+                bias = bias(jnp.arange(t), jnp.arange(s))
+            logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK).astype(jnp.float32)
+            if bias is not None:
+                logits_BHTS = logits_BHTS + bias.astype(jnp.float32)
+            if mask is not None:
+                # Same effect as HF's additive finfo.min mask; a finite value keeps
+                # a fully masked row (packed padding) uniform instead of NaN.
+                logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
+            weights_BHTS = jax.nn.softmax(logits_BHTS, axis=-1)
+            if not deterministic and self.dropout_rate > 0.0:
+                weights_BHTS = nn.Dropout(rate=self.dropout_rate)(
+                    weights_BHTS, deterministic=False)
+            weights_BHTS = weights_BHTS.astype(self.dtype)
+            out_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK)
         out_BTHK = nn.with_logical_constraint(out_BTHK, ("batch", "length", "heads", "kv"))
         return DenseGeneral(d_model, axis=(-2, -1), kernel_axes=("heads", "kv", "embed"),
                             dtype=self.dtype, kernel_init=o_init, name="out")(out_BTHK)
+
+
+def apply_in_chunks(module: nn.Module, x_BLD: Array, chunk_size: int, **kwargs) -> Array:
+    """``module(x, **kwargs)`` for a position-wise ``module``, ``chunk_size`` positions at a time.
+
+    A lifted ``nn.scan`` with broadcast params runs the module on [B, C, D]
+    blocks, so its intermediates (e.g. the [B, L, F] feed-forward hidden
+    layer) exist for one block at a time. Exact: positions do not interact.
+    Call it from the parent's compact method with the (unbound) submodule.
+
+    Args:
+      module: maps [B, C, D] -> [B, C, D'] position by position.
+      x_BLD: [B, L, D] input.
+      chunk_size: C.
+      **kwargs: Python values passed on each call (e.g. ``deterministic``).
+
+    Returns:
+      [B, L, D'] output.
+    """
+    b, length = x_BLD.shape[:2]
+    n = -(-length // chunk_size)
+    x_nBCD = _pad_axis(x_BLD, 1, n * chunk_size).reshape(
+        (b, n, chunk_size) + x_BLD.shape[2:]).swapaxes(0, 1)
+
+    def body(mdl, carry, x_BCD):
+        return carry, mdl(x_BCD, **kwargs)
+
+    _, y_nBCD = nn.scan(body, variable_broadcast="params",
+                        split_rngs={"params": False, "dropout": True}, length=n)(
+                            module, None, x_nBCD)
+    return y_nBCD.swapaxes(0, 1).reshape((b, n * chunk_size) + y_nBCD.shape[3:])[:, :length]
 
 
 def gelu_tanh(x: Array) -> Array:

@@ -55,6 +55,7 @@ class T5Config:
     ``tie_word_embeddings``; they are separate here so untied-but-scaled
     checkpoints (ProtT5 stores its own ``lm_head.weight``) can be expressed.
     ``dtype`` is the activation dtype; parameters are always float32.
+    ``attention_chunk_size``/``mlp_chunk_size`` change memory, not results.
     """
     vocab_size: int = 128
     d_model: int = 512
@@ -76,6 +77,12 @@ class T5Config:
     pad_id: int = 0
     eos_id: int = 1
     decoder_start_token_id: int = 0
+    # Long inputs (embedding whole proteins): the encoder attends in blocks of
+    # this many queries/keys and runs the feed-forward on blocks of this many
+    # positions once the length exceeds them, so memory grows linearly with
+    # the length. Exact; unpacked inputs only. None: the plain path.
+    attention_chunk_size: Optional[int] = None
+    mlp_chunk_size: Optional[int] = None
 
     def __post_init__(self):
         if self.feed_forward_proj not in layers.FEED_FORWARD_KINDS:
@@ -161,19 +168,22 @@ def _dropout(config: T5Config):
 
 
 def _position_bias(cfg: T5Config, length: int, positions: Optional[Array], *,
-                   bidirectional: bool) -> Array:
+                   bidirectional: bool, as_table: bool = False):
     """The stack's one relative position bias table applied to [B|1, H, L, L].
 
     Called inside a stack's compact ``__call__`` (the table is its
     ``relpos_bias`` submodule); encoder buckets are bidirectional, decoder
-    buckets causal.
+    buckets causal. ``as_table`` returns the table itself
+    (``layers.PositionBiasTable``) for attention computed in blocks.
     """
-    rel = layers.relative_positions(length, length, positions, positions)
-    return layers.RelativePositionBias(
+    module = layers.RelativePositionBias(
         cfg.num_heads, cfg.relative_attention_num_buckets,
         cfg.relative_attention_max_distance, bidirectional=bidirectional,
         embedding_init=nn.initializers.normal(cfg.d_model ** -0.5),
-        name="relpos_bias")(rel)
+        name="relpos_bias")
+    if as_table:
+        return module.table()
+    return module(layers.relative_positions(length, length, positions, positions))
 
 
 def _residual(cfg: T5Config, x: Array, norm_name: str, block, deterministic: bool):
@@ -197,14 +207,21 @@ class EncoderLayer(nn.Module):
         """[B, L, D] -> ([B, L, D], None); the pair form suits ``nn.scan``."""
         cfg, dt = self.config, self.config.activation_dtype
         attention = layers.MultiHeadAttention(cfg.num_heads, cfg.d_kv, dt, cfg.dropout_rate,
+                                              chunk_size=cfg.attention_chunk_size,
                                               name="attention")
         mlp = layers.MlpBlock(cfg.d_ff, cfg.feed_forward_proj, dt, cfg.dropout_rate,
                               name="mlp")
+
+        def feed_forward(h):
+            if cfg.mlp_chunk_size is not None and h.shape[1] > cfg.mlp_chunk_size:
+                return layers.apply_in_chunks(mlp, h, cfg.mlp_chunk_size,
+                                              deterministic=deterministic)
+            return mlp(h, deterministic)
+
         x = _residual(cfg, x, "pre_attention_layer_norm",
                       lambda h: attention(h, h, position_bias, mask, deterministic),
                       deterministic)
-        x = _residual(cfg, x, "pre_mlp_layer_norm", lambda h: mlp(h, deterministic),
-                      deterministic)
+        x = _residual(cfg, x, "pre_mlp_layer_norm", feed_forward, deterministic)
         return x, None
 
 
@@ -287,7 +304,11 @@ class Encoder(nn.Module):
         """
         cfg = self.config
         length = tokens.shape[1]
-        bias = _position_bias(cfg, length, positions, bidirectional=True)
+        # Unpacked long inputs pass the bias table, not [1, H, L, L]; the
+        # attention then works in blocks (see T5Config.attention_chunk_size).
+        chunked = (cfg.attention_chunk_size is not None and length > cfg.attention_chunk_size
+                   and segment_ids is None and positions is None)
+        bias = _position_bias(cfg, length, positions, bidirectional=True, as_table=chunked)
         mask = layers.make_attention_mask(
             query_length=length, key_length=length,
             key_valid=None if segment_ids is not None else tokens != cfg.pad_id,
