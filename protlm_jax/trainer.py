@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax
 import jax
@@ -193,12 +193,15 @@ class Trainer:
       extra_metadata: saved with each checkpoint (model config, gin text, …).
       log: where the one-line summaries go (process 0 only).
       devices: the devices of the mesh (default: all).
+      hooks: callables ``hook(step, state, writer)`` run after every step
+        (after logging, checkpointing and evaluation); each decides itself
+        when to act, e.g. ``probes.hook.ProbeHook`` every ``period`` steps.
     """
 
     def __init__(self, *, model, objective, optimizer_config, config: TrainConfig,
                  model_feature_lengths: Mapping[str, int], init_inputs: tuple[str, ...],
                  extra_metadata: Optional[dict] = None, log=sys.stdout,
-                 devices: Optional[list] = None):
+                 devices: Optional[list] = None, hooks: Sequence[Callable] = ()):
         from protlm_jax import optimizers
 
         if config.batch_size % config.microbatches:
@@ -221,6 +224,7 @@ class Trainer:
                               f"rows does not split over the {n_data}-way data axis")
         self._train_fn = None
         self._eval_fn = None
+        self.hooks = tuple(hooks)
 
     # --- state -------------------------------------------------------------
 
@@ -438,6 +442,8 @@ class Trainer:
             if (make_eval_batches is not None and cfg.eval_period
                     and done % cfg.eval_period == 0 and done != cfg.train_steps):
                 self._log_eval(done, state, make_eval_batches, writer)
+            for hook in self.hooks:
+                hook(done, state, writer)
         if make_eval_batches is not None:
             self._log_eval(cfg.train_steps, state, make_eval_batches, writer)
         checkpointer.close()

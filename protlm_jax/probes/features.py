@@ -83,8 +83,8 @@ class H5Features:
     """Embeddings read from an HDF5 file written by ``protlm embed``.
 
     Datasets are looked up by the record id, then by the ``original_id``
-    attribute, then by the id sanitised as ProtTrans does (``/`` and ``.``
-    → ``_``).
+    attribute (whole header or its first word), then by the id sanitised as
+    ProtTrans does (``embed.sanitize_id``).
     """
 
     def __init__(self, path: str, name: str = "embeddings"):
@@ -104,8 +104,9 @@ class H5Features:
                 self._by_original.setdefault(original.split()[0], key)
 
     def _lookup(self, ident: str):
-        for key in (ident, self._by_original.get(ident),
-                    ident.replace("/", "_").replace(".", "_")):
+        from protlm_jax.embed import sanitize_id
+
+        for key in (ident, self._by_original.get(ident), sanitize_id(ident)):
             if key is not None and key in self._file:
                 return self._file[key]
         raise InputError(self.path, 0, f"no embedding for protein {ident!r}")
@@ -132,19 +133,10 @@ def featurize(featurizer, records: Iterable[tuple[str, str]], per_protein: bool,
     """Features of ``records``; sequences are cleaned (REFERENCE §2) first."""
     records = list(records)
     if clean:
+        from protlm_jax.embed import clean_sequence
+
         records = [(i, clean_sequence(s)) for i, s in records]
     return featurizer(records, per_protein)
-
-
-def clean_sequence(seq: str) -> str:
-    """Upper case, no gaps, rare residues U Z O B → X (REFERENCE.md §2)."""
-    try:
-        from protlm_jax import embed
-
-        return embed.clean_sequence(seq)
-    except ImportError:
-        pass
-    return seq.upper().replace("-", "").translate(str.maketrans("UZOB", "XXXX"))
 
 
 def feature_dim(features: list) -> Optional[int]:
