@@ -43,12 +43,38 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)))
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict]:
-        """Restores the state of ``step`` into the shapes and shardings of ``like``."""
+        """Restores the state of ``step`` into the shapes and shardings of ``like``.
+
+        A params-only checkpoint (``protlm import-hf``) gives ``like`` with its
+        params and step replaced; the optimizer state stays ``like``'s fresh one.
+        """
+        meta = dict(self._manager.restore(step, args=ocp.args.Composite(
+            metadata=ocp.args.JsonRestore()))["metadata"])
+        if meta.get("params_only"):
+            return self._restore_params_only(step, like, meta), meta
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore()))
         return out["state"], dict(out["metadata"])
+
+    def _restore_params_only(self, step: int, like: Any, meta: dict) -> Any:
+        from protlm_jax.errors import ProtlmError
+
+        where = os.path.join(self.directory, str(step))
+        if meta.get("encoder_only"):
+            raise ProtlmError(f"{where}: an encoder-only checkpoint (imported from a "
+                              f"T5EncoderModel): it has no decoder to train or evaluate")
+        target = {"params": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like.params)}
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                    {"params": like.params})
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                         partial_restore=True)))
+        step_array = jax.device_put(jax.numpy.asarray(step, like.step.dtype),
+                                    like.step.sharding)
+        return like.replace(params=out["state"]["params"], step=step_array)
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are complete."""

@@ -388,7 +388,8 @@ class Trainer:
         latest = checkpointer.latest_step()
         if latest is not None:
             state, meta = checkpointer.restore(latest, state)
-            if meta.get("seed") != cfg.seed:
+            # An imported (params-only) checkpoint starts a new run: any seed.
+            if not meta.get("params_only") and meta.get("seed") != cfg.seed:
                 raise ProtlmError(f"{cfg.model_dir}: checkpoint was trained with seed "
                                   f"{meta.get('seed')}, this run has {cfg.seed}")
             self._print(f"resumed from step {latest} ({checkpointer.directory})")

@@ -504,3 +504,43 @@ def abstract_params(config: T5Config, encoder_only: bool = False,
         model = T5(config)
         fn = lambda rng: model.init(rng, tokens, tokens)  # noqa: E731
     return jax.eval_shape(fn, jax.random.PRNGKey(0))["params"]
+
+
+def greedy_decode(model: T5, params: Any, encoder_input_tokens: Array,
+                  max_length: int) -> Array:
+    """Greedy decoding (no KV cache: each step reruns the decoder on the prefix).
+
+    Meant for checks and short outputs (e.g. agreeing with Hugging Face
+    ``generate(do_sample=False)``), not for throughput. Decoder inputs have a
+    fixed length, so one compiled step serves every position; causality keeps
+    the not-yet-written positions from affecting the current one.
+
+    Args:
+      model: a ``T5``.
+      params: its params (without the ``{"params": ...}`` wrapper).
+      encoder_input_tokens: [B, L] int ids, 0-padded.
+      max_length: tokens to generate after the start token.
+
+    Returns:
+      [B, max_length] int32 ids; after a row's EOS its tokens are ``pad_id``.
+    """
+    cfg = model.config
+
+    @jax.jit
+    def run(params, tokens):
+        encoded = model.apply({"params": params}, tokens, method="encode")
+        b = tokens.shape[0]
+        dec = jnp.full((b, max_length + 1), cfg.decoder_start_token_id, jnp.int32)
+
+        def step(t, carry):
+            dec, done = carry
+            logits = model.apply({"params": params}, encoded, tokens, dec[:, :-1],
+                                 method="decode")
+            nxt = jnp.argmax(logits[:, t], axis=-1).astype(jnp.int32)
+            nxt = jnp.where(done, cfg.pad_id, nxt)
+            return dec.at[:, t + 1].set(nxt), done | (nxt == cfg.eos_id)
+
+        dec, _ = jax.lax.fori_loop(0, max_length, step, (dec, jnp.zeros((b,), bool)))
+        return dec[:, 1:]
+
+    return run(params, jnp.asarray(encoder_input_tokens, jnp.int32))
