@@ -207,3 +207,79 @@ class ProtBertVocabulary(_CharVocabulary):
     def standard_residue_ids(self) -> range:
         """Ids of the 20 standard amino acids (used for random replacement)."""
         return range(5, 25)
+
+
+class VocabTxtVocabulary(_CharVocabulary):
+    """A checkpoint's own character-level vocabulary, from its ``vocab.txt`` or
+    SentencePiece pieces (imported Hugging Face BERT/ALBERT/ELECTRA models).
+
+    Other protein BERTs order their residues differently from ProtBert, so an
+    imported model tokenizes with the table it was trained with: every
+    one-character token (``A``, or ``▁A`` in a SentencePiece model) is a
+    residue; ``[PAD]``/``<pad>``, ``[UNK]``/``<unk>``, ``[CLS]``, ``[SEP]``
+    and ``[MASK]`` are found by name. Characters without a token map to the
+    unknown id, white space is skipped (as in :class:`ProtBertVocabulary`).
+    """
+
+    def __init__(self, tokens: Sequence[str]):
+        seqio.Vocabulary.__init__(self, extra_ids=0)
+        tokens = [t[1:] if len(t) == 2 and t[0] == "\u2581" else t for t in tokens]
+        self.tokens = tuple(tokens)
+        index = {}
+        for i, t in enumerate(tokens):
+            index.setdefault(t, i)
+
+        def find(*names):
+            return next((index[n] for n in names if n in index), None)
+
+        self.PAD_ID = find("[PAD]", "<pad>")
+        self.UNK_ID = find("[UNK]", "<unk>")
+        self.CLS_ID = find("[CLS]", "<cls>", "<s>")
+        self.SEP_ID = find("[SEP]", "<sep>", "</s>")
+        self.MASK_ID = find("[MASK]", "<mask>")
+        if self.UNK_ID is None:
+            raise ValueError("vocabulary has no [UNK] or <unk> token")
+        self._eos_id = self.SEP_ID
+        self._unk_id = self.UNK_ID
+        table = np.full([_TABLE_SIZE], self.UNK_ID, dtype=np.int32)
+        for t, i in index.items():
+            if len(t) == 1 and t not in WHITESPACE and ord(t) < _TABLE_SIZE:
+                table[ord(t)] = i
+        for c in WHITESPACE:
+            table[ord(c)] = _SKIP
+        self._char_to_id = table
+        self._encode_map = {chr(c): int(i) for c, i in enumerate(table)}
+        hidden = {self.PAD_ID, self.CLS_ID, self.SEP_ID} - {None}
+        self._pieces = ["" if i in hidden else t for i, t in enumerate(tokens)]
+        self._base_size = len(tokens)
+        self._num_specials = 0
+
+    @classmethod
+    def from_vocab_txt(cls, path: str) -> "VocabTxtVocabulary":
+        """Reads a WordPiece ``vocab.txt`` (one token per line, id = line number)."""
+        with open(path, encoding="utf-8") as f:
+            return cls([line.rstrip("\r\n") for line in f])
+
+    @classmethod
+    def from_spiece_model(cls, path: str) -> "VocabTxtVocabulary":
+        """Reads the pieces of a SentencePiece ``.model`` (id = piece index)."""
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        model = pb.ModelProto()
+        with open(path, "rb") as f:
+            model.ParseFromString(f.read())
+        return cls([p.piece for p in model.pieces])
+
+    def residue_ids(self) -> dict[str, int]:
+        """Residue letter -> id (every one-character token)."""
+        return {t: i for i, t in enumerate(self.tokens)
+                if len(t) == 1 and t not in WHITESPACE}
+
+    def special_names(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tokens) if len(t) != 1}
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.tokens == other.tokens
+
+    def __hash__(self):
+        return hash((type(self).__name__, self.tokens))
