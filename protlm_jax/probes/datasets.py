@@ -451,7 +451,8 @@ def _limit(dataset, limit: Optional[int], seed: int, max_length: Optional[int] =
 
 def load_task(spec: str, data_dir: Optional[str] = None, *, train_limit: Optional[int] = None,
               test_limit: Optional[int] = None, max_train_length: Optional[int] = None,
-              seed: int = 0, valid_fraction: float = 0.05) -> ProbeTask:
+              max_test_length: Optional[int] = None, seed: int = 0,
+              valid_fraction: float = 0.05) -> ProbeTask:
     """A probe task from its spec (``TASK_SPECS``).
 
     Args:
@@ -462,6 +463,8 @@ def load_task(spec: str, data_dir: Optional[str] = None, *, train_limit: Optiona
         validation split is limited to a fifth of it.
       test_limit: at most this many proteins per test set (random, seeded).
       max_train_length: drop longer training/validation proteins.
+      max_test_length: drop longer test proteins (quick monitors only: the
+        published test sets keep every protein).
       seed: for the subsets.
       valid_fraction: held out of the training file by hash, where the data
         set has no validation split of its own.
@@ -516,7 +519,8 @@ def load_task(spec: str, data_dir: Optional[str] = None, *, train_limit: Optiona
     task.train = _limit(task.train, train_limit, seed, max_train_length)
     task.valid = _limit(task.valid, max(1, train_limit // 5) if train_limit else None,
                         seed, max_train_length)
-    task.tests = {k: _limit(v, test_limit, seed) for k, v in task.tests.items()}
+    task.tests = {k: _limit(v, test_limit, seed, max_test_length)
+                  for k, v in task.tests.items()}
     return task
 
 

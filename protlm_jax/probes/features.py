@@ -68,10 +68,13 @@ class ModelFeatures:
     def __call__(self, records: Sequence[tuple[str, str]], per_protein: bool) -> list:
         keyed = [(str(i), seq) for i, (_, seq) in enumerate(records)]  # ids may repeat
         out: list = [None] * len(keyed)
-        for key, emb in self.embedder.embed(keyed, per_protein=per_protein,
+        # Always per residue, pooled here (the same mean over residues only):
+        # per-residue and per-protein tasks then share compiled programs.
+        for key, emb in self.embedder.embed(keyed, per_protein=False,
                                             token_budget=self.token_budget,
                                             progress=self.progress):
-            out[int(key)] = np.asarray(emb, np.float32)
+            emb = np.asarray(emb, np.float32)
+            out[int(key)] = emb.mean(axis=0) if per_protein else emb
         missing = [records[i][0] for i, x in enumerate(out) if x is None]
         if missing:
             raise ProtlmError(f"the embedder returned nothing for {len(missing)} "

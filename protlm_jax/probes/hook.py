@@ -34,6 +34,8 @@ class ProbeHook:
       train_limit: training proteins per task (random, seeded subset).
       test_limit: test proteins per task (None: all).
       max_train_length: longest training protein kept (speed).
+      max_test_length: longest test protein kept (speed; the monitor's test
+        subsets are not the published test sets, ``protlm probe`` is).
       max_epochs, patience: quick fitting.
       data_dir: fetched data (default ``data/fetched``).
       token_budget: embedding batch budget.
@@ -44,9 +46,10 @@ class ProbeHook:
     period: int = 1000
     tasks: Sequence[str] = ("ss_casp12", "scl2205")
     train_limit: int = 300
-    test_limit: Optional[int] = 300
+    test_limit: Optional[int] = 200
     max_train_length: int = 500
-    max_epochs: int = 8
+    max_test_length: Optional[int] = 500
+    max_epochs: int = 20
     patience: int = 3
     data_dir: Optional[str] = None
     token_budget: int = 4096
@@ -55,13 +58,14 @@ class ProbeHook:
 
     def __post_init__(self):
         self._tasks: dict = {}
+        self._compiled = None  # the embedder's compiled programs, reused
 
     def _task(self, spec: str) -> datasets.ProbeTask:
         if spec not in self._tasks:  # loaded once per run
             self._tasks[spec] = datasets.load_task(
                 spec, self.data_dir, train_limit=self.train_limit,
                 test_limit=self.test_limit, max_train_length=self.max_train_length,
-                seed=self.seed)
+                max_test_length=self.max_test_length, seed=self.seed)
         return self._tasks[spec]
 
     def __call__(self, step: int, state, writer) -> Optional[dict]:
@@ -81,6 +85,12 @@ class ProbeHook:
         if mesh is not None and "data" not in getattr(mesh, "axis_names", ()):
             mesh = None
         embedder = embed.Embedder(config=self.model_config, params=params, mesh=mesh)
+        # A new Embedder per probe step (the trainer donates the state buffers
+        # at the next step), but the same compiled programs: shapes, config and
+        # shardings do not change during a run.
+        if self._compiled is not None and hasattr(embedder, "_fns"):
+            embedder._fns = self._compiled
+        self._compiled = getattr(embedder, "_fns", None)
         featurizer = features.ModelFeatures(embedder, name="model",
                                             token_budget=self.token_budget)
         config = train.ProbeConfig(max_epochs=self.max_epochs, patience=self.patience,
