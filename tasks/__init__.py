@@ -88,3 +88,6 @@ def _register(corpus: str) -> None:
 
 for _corpus in CORPORA:
     _register(_corpus)
+
+# Probe sets (labels as features): ss_casp12, scl2205.
+from protlm_tasks import probe_tasks  # noqa: E402,F401
