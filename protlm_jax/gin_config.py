@@ -24,9 +24,9 @@ from typing import Mapping, Optional, Sequence
 
 import gin
 
-from protlm_jax import data_pipeline, objectives, optimizers, trainer
+from protlm_jax import data_pipeline, objectives, objectives_ae, optimizers, trainer
 from protlm_jax.errors import ProtlmError
-from protlm_jax.models import t5
+from protlm_jax.models import bert, build_model, electra, t5
 from protlm_jax.probes import hook as probe_hook
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,6 +37,11 @@ gin.external_configurable(optimizers.OptimizerConfig, "OptimizerConfig")
 gin.external_configurable(optimizers.ScheduleConfig, "ScheduleConfig")
 gin.external_configurable(data_pipeline.DataConfig, "DataConfig")
 gin.external_configurable(objectives.EncDecObjective, "EncDecObjective")
+# The auto-encoder family (ProtBert, ProtAlbert, ProtElectra).
+gin.external_configurable(bert.BertConfig, "BertConfig")
+gin.external_configurable(electra.ElectraConfig, "ElectraConfig")
+gin.external_configurable(objectives_ae.MLMObjective, "MLMObjective")
+gin.external_configurable(objectives_ae.ElectraObjective, "ElectraObjective")
 gin.external_configurable(probe_hook.ProbeHook, "ProbeHook")
 
 
@@ -67,11 +72,13 @@ def _build(model_config: t5.T5Config, data_config: data_pipeline.DataConfig,
            extra_metadata: dict, hooks: Sequence = ()) -> trainer.Trainer:
     converter = data_pipeline.feature_converter(data_config.task, data_config.pack)
     lengths = converter.get_model_feature_lengths(dict(data_config.feature_lengths))
+    # The model family follows the config class (T5Config, BertConfig, ElectraConfig).
+    model, init_inputs = build_model(model_config)
     return trainer.Trainer(
-        model=t5.T5(model_config), objective=objective,
+        model=model, objective=objective,
         optimizer_config=optimizer_config, config=train_config,
         model_feature_lengths=lengths,
-        init_inputs=("encoder_input_tokens", "decoder_input_tokens"),
+        init_inputs=init_inputs,
         extra_metadata=extra_metadata, hooks=hooks)
 
 

@@ -4,6 +4,7 @@
   decay rate 0.8, update clipping 1.0, step size scaled by the parameter RMS,
   no momentum (optax's defaults match).
 * AdamW with decoupled weight decay (not applied to norms or biases).
+* LAMB (the ProtBert/ProtAlbert/ProtElectra recipe), same weight-decay mask.
 * Schedules: T5X's ``constant * rsqrt_decay`` (``base / sqrt(max(step, warmup))``),
   linear warm-up + linear decay, and linear warm-up + cosine decay.
 * SGD with momentum (exactness tests, probes).
@@ -68,11 +69,11 @@ class OptimizerConfig:
     """An optimizer.
 
     Attributes:
-      name: "adafactor", "adamw" or "sgd" (momentum ``b1``; its update is linear
+      name: "adafactor", "adamw", "lamb" or "sgd" (momentum ``b1``; its update is linear
         in the gradient, which makes it the optimizer of exactness tests).
       schedule: the learning-rate schedule.
-      weight_decay: AdamW decoupled weight decay (matrices and embeddings only).
-      b1, b2, eps: AdamW moments.
+      weight_decay: AdamW/LAMB decoupled weight decay (matrices and embeddings only).
+      b1, b2, eps: AdamW/LAMB moments.
       decay_rate: Adafactor second-moment decay exponent (T5X: 0.8).
       clipping_threshold: Adafactor update clipping (T5X: 1.0).
       grad_clip_norm: clip gradients to this global norm first (None: off).
@@ -108,8 +109,13 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     elif config.name == "adamw":
         opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                           weight_decay=config.weight_decay, mask=_decay_mask)
+    elif config.name == "lamb":
+        # ProtBert/ProtAlbert/ProtElectra (BERT's recipe): layer-wise trust
+        # ratio, decoupled weight decay off for biases and LayerNorm params.
+        opt = optax.lamb(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                         weight_decay=config.weight_decay, mask=_decay_mask)
     else:
-        raise ValueError(f"unknown optimizer {config.name!r} (adafactor, adamw, sgd)")
+        raise ValueError(f"unknown optimizer {config.name!r} (adafactor, adamw, lamb, sgd)")
     if config.grad_clip_norm:
         opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
     return opt
