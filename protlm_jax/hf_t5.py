@@ -555,15 +555,14 @@ class CheckpointReader:
         if self.kind == "safetensors":
             from safetensors import safe_open
 
+            _check_safetensors_extent(path)
             try:
                 handle = safe_open(path, framework="pt")
                 shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()}
             except Exception as e:  # safetensors raises its own error types
                 raise ProtlmError(f"{path}: not a readable safetensors file "
                                   f"({type(e).__name__}: {e})") from None
-            size = os.path.getsize(path)
             self._open[path] = handle
-            _check_safetensors_extent(path, size)
             return shapes
         import pickle
 
@@ -616,15 +615,25 @@ def _read_json(path: str) -> Any:
         raise ProtlmError(f"{path}: cannot be read ({e.strerror})") from None
 
 
-def _check_safetensors_extent(path: str, size: int) -> None:
-    """A truncated file: the header promises more bytes than the file has."""
+def _check_safetensors_extent(path: str) -> None:
+    """Names a truncated file as such: its header promises more bytes than it has.
+
+    Anything else wrong with the file is left to ``safe_open`` to report.
+    """
     import struct
 
-    with open(path, "rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-              default=0)
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            if header_len > size:
+                raise ProtlmError(f"{path}: truncated safetensors file ({size:,} bytes, "
+                                  f"shorter than its {header_len:,}-byte header)")
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError):
+        return
     if 8 + header_len + end > size:
         raise ProtlmError(f"{path}: truncated safetensors file ({size:,} bytes; its "
                           f"header describes {8 + header_len + end:,})")
