@@ -7,7 +7,10 @@ Stages (later issues add embedding, probes and export):
   3. train     ProtT5-tiny with ``protlm train`` (gin experiment
                ``prot_t5_tiny_demo``), then a restart that resumes from the
                checkpoint, then the masked-residue loss on held-out proteins
-               against the unigram entropy of the residues.
+               against the unigram entropy of the residues;
+  5. export    ``protlm export-hf`` of the demo model, the ProtTrans snippet
+               in transformers on held-out proteins, and its largest difference
+               from ``protlm embed`` (``stage_export``).
 
 Run as ``python -m protlm_jax.demo --workdir DIR``.
 """
@@ -120,6 +123,50 @@ def stage_train(workdir: pathlib.Path, data_dir: pathlib.Path, steps: int) -> No
           f"({'below' if gap > 0 else 'above'} it by {abs(gap):.4f})")
 
 
+def stage_export(workdir: pathlib.Path, model_dir: pathlib.Path) -> float:
+    """Exports the demo model to Hugging Face and checks the ProtTrans snippet.
+
+    ``protlm export-hf --encoder_only`` writes a ``T5EncoderModel`` directory;
+    transformers (torch, CPU) loads it with ``T5Tokenizer`` and runs the
+    ProtTrans usage snippet on held-out proteins (the validation split);
+    ``protlm embed``'s per-residue embeddings of the same proteins are compared.
+
+    Returns:
+      The largest absolute difference over all residues.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from protlm_jax import cli, embed, hf_export
+
+    hf_dir = workdir / "prot_t5_tiny_hf"
+    _banner(f"5. protlm export-hf --model {model_dir} --output {hf_dir} --encoder_only")
+    if cli.main(["export-hf", "--model", str(model_dir), "--output", str(hf_dir),
+                 "--encoder_only"]):
+        raise SystemExit("export failed")
+    print(f"files: {', '.join(sorted(os.listdir(hf_dir)))}")
+    pattern = str(workdir / "data" / CORPUS / "validation.tfrecord-*")
+    held_out = []
+    for raw in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern))).as_numpy_iterator():
+        feature = tf.train.Example.FromString(raw).features.feature
+        seq = feature["sequence"].bytes_list.value[0].decode()
+        if len(seq) <= 400:
+            held_out.append((feature["id"].bytes_list.value[0].decode(), seq))
+        if len(held_out) == 6:
+            break
+    theirs = hf_export.prottrans_embeddings(str(hf_dir), [s for _, s in held_out])
+    ours = dict(embed.load_model(str(model_dir)).embed(held_out))
+    worst = 0.0
+    print("ProtTrans snippet (transformers, torch CPU) vs protlm embed, per residue:")
+    for (ident, seq), emb in zip(held_out, theirs):
+        diff = float(np.abs(ours[ident] - emb).max())
+        worst = max(worst, diff)
+        print(f"  {ident:<30} L={len(seq):<4} shape {tuple(emb.shape)}  max |diff| {diff:.2e}")
+    print(f"largest difference from protlm embed: {worst:.2e} "
+          f"({'within' if worst <= 1e-5 else 'ABOVE'} 1e-5)")
+    return worst
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.train_steps:
         os.chdir(pathlib.Path(__file__).resolve().parents[1])  # gin/ lives there
         stage_train(workdir, data_dir, args.train_steps)
+        stage_export(workdir, workdir / "prot_t5_tiny")
     _banner(f"demo done: shards and stats in {data_dir / CORPUS}")
     return 0
 
