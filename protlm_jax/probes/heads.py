@@ -15,10 +15,11 @@ training loop serve them all:
     Dropout 0.25 → ReLU → BatchNorm → Linear(32→n) (plus Linear(32→2) for
     ``membrane`` when asked).
 
-Padding never influences a real position: the CNN zeroes its hidden layer at
-padding before the second convolution (the published PyTorch code does not, so
-its outputs near a protein's end depend on how much padding the batch adds),
-and light attention masks both the softmax and the max-pool.
+Padding never influences a real position: inputs are zeroed outside proteins,
+the CNN zeroes its hidden layer at padding before the second convolution (the
+published PyTorch code does not, so its outputs near a protein's end depend on
+how much padding the batch adds), and light attention masks both the softmax
+and the max-pool.
 
 Shapes: B batch, L length, D feature size, C classes.
 """
@@ -46,6 +47,7 @@ class SecondaryStructureCNN(nn.Module):
     @nn.compact
     def __call__(self, x_BLD: Array, mask_BL: Array, *, train: bool = False) -> dict:
         pad = self.kernel // 2
+        x_BLD = x_BLD * mask_BL[..., None].astype(x_BLD.dtype)
         h = nn.Conv(self.hidden, (self.kernel,), padding=[(pad, pad)], name="conv")(x_BLD)
         h = nn.relu(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -94,6 +96,7 @@ class LightAttention(nn.Module):
     def __call__(self, x_BLD: Array, mask_BL: Array, *, train: bool = False) -> dict:
         d = x_BLD.shape[-1]
         pad = self.kernel // 2
+        x_BLD = x_BLD * mask_BL[..., None].astype(x_BLD.dtype)
         values = nn.Conv(d, (self.kernel,), padding=[(pad, pad)], name="values")(x_BLD)
         values = nn.Dropout(self.conv_dropout, deterministic=not train)(values)
         logits = nn.Conv(d, (self.kernel,), padding=[(pad, pad)], name="attention")(x_BLD)
