@@ -8,6 +8,10 @@ Stages (later issues add embedding, probes and export):
                ``prot_t5_tiny_demo``), then a restart that resumes from the
                checkpoint, then the masked-residue loss on held-out proteins
                against the unigram entropy of the residues;
+  4. probes    embeds subsets of the probe sets with the demo model, fits the
+               SS CNN (Q3/Q8, CASP12 validation chains) and the localization /
+               membrane FNN (Q13/Q2, SCL2205 test) beside the one-hot /
+               composition baseline, prints the tables (``stage_probes``);
   5. export    ``protlm export-hf`` of the demo model, the ProtTrans snippet
                in transformers on held-out proteins, and its largest difference
                from ``protlm embed`` (``stage_export``).
@@ -123,6 +127,42 @@ def stage_train(workdir: pathlib.Path, data_dir: pathlib.Path, steps: int) -> No
           f"({'below' if gap > 0 else 'above'} it by {abs(gap):.4f})")
 
 
+def stage_probes(workdir: pathlib.Path, model_dir: pathlib.Path) -> dict:
+    """Embeds subsets of the probe sets with the demo model and fits the SS CNN
+    and the localization/membrane FNN beside the one-hot / composition baseline.
+
+    Subsets keep the stage near two minutes on two cores: SS trains on 1,000
+    CASP12 training_30 chains of ≤ 500 residues and tests on all 211 CASP12
+    validation chains; SCL2205 trains on 2,000 proteins of ≤ 1,000 residues
+    and tests on a seeded random 1,000 of its 2,631 test proteins.
+
+    Returns:
+      task name → result dict (also written under ``workdir/probes/<task>``).
+    """
+    from protlm_jax import embed
+    from protlm_jax.probes import datasets, evaluate, features, train
+
+    fetched = datasets.default_data_dir()
+    if not os.path.exists(os.path.join(fetched, datasets.SIDECHAINNET_DSSP)):
+        print(f"probes skipped: {fetched} lacks the probe data (run `make data`)")
+        return {}
+    embedder = embed.load_model(str(model_dir))
+    rows = [features.ModelFeatures(embedder, name="ProtT5-tiny (demo)"), features.OneHot()]
+    config = train.ProbeConfig(max_epochs=10, patience=3)
+    results = {}
+    for spec, limits in (("ss_casp12", dict(train_limit=1000, max_train_length=500)),
+                         ("scl2205", dict(train_limit=2000, max_train_length=1000,
+                                          test_limit=1000))):
+        _banner(f"4. protlm probe --task {spec} --model {model_dir} "
+                + " ".join(f"--{k} {v}" for k, v in limits.items()))
+        task = datasets.load_task(spec, fetched, **limits)
+        result = evaluate.run_task(task, rows, config=config, log=None)
+        evaluate.write_outputs(result, str(workdir / "probes" / spec))
+        print(evaluate.markdown_table(result))
+        results[spec] = result
+    return results
+
+
 def stage_export(workdir: pathlib.Path, model_dir: pathlib.Path) -> float:
     """Exports the demo model to Hugging Face and checks the ProtTrans snippet.
 
@@ -183,6 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.train_steps:
         os.chdir(pathlib.Path(__file__).resolve().parents[1])  # gin/ lives there
         stage_train(workdir, data_dir, args.train_steps)
+        stage_probes(workdir, workdir / "prot_t5_tiny")
         stage_export(workdir, workdir / "prot_t5_tiny")
     _banner(f"demo done: shards and stats in {data_dir / CORPUS}")
     return 0
