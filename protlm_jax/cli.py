@@ -6,9 +6,10 @@
     protlm train --gin_file=FILE [--gin_file=FILE …] [--gin.MACRO=value …]
     protlm eval  --gin_file=FILE [--gin_file=FILE …] [--gin.MACRO=value …]
     protlm plan  --gin_file=FILE --mesh=DATAxMODEL --peak_tflops=T [--gin.MACRO=value …]
+    protlm probe --task SPEC (--model DIR | --embeddings H5 | --baseline onehot) --output OUT
+    protlm embed --model DIR --input X.fasta --output Y.h5 [--per_protein] [--layers -1 …]
     protlm export-hf --model DIR --output HF_DIR [--encoder_only] [--dtype float32|float16|bfloat16]
     protlm import-hf --input HF_DIR --output DIR [--step N]
-    protlm probe --task SPEC (--model DIR | --embeddings H5 | --baseline onehot) --output OUT
 
 Errors meant for the user (bad input, bad settings) print one line,
 ``protlm: error: FILE:LINE: reason``, and exit with status 2.
@@ -77,14 +78,77 @@ def _add_data(sub) -> None:
     data_fetch.add_arguments(fetch)
 
 
-def _add_probe(sub) -> None:
-    from protlm_jax.probes import command
+def _add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed", help="FASTA → HDF5 embeddings (per residue or per protein)",
+        description="Embeds every record of a FASTA file with a trained model: one HDF5 "
+        "dataset per sequence keyed by its sanitised header (as ProtTrans does), "
+        "attributes original_id and length. Rerunning skips ids already written.")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="a training MODEL_DIR (latest checkpoint) or a Hugging Face dir")
+    p.add_argument("--input", required=True, metavar="FASTA", help="FASTA (plain or .gz)")
+    p.add_argument("--output", required=True, metavar="H5", help="HDF5 file (appended to)")
+    p.add_argument("--per_protein", action="store_true",
+                   help="mean over residues ([D]) instead of per residue ([L, D])")
+    p.add_argument("--layers", type=int, nargs="+", default=[-1], metavar="I",
+                   help="Hugging Face hidden_states numbering: 0 embeddings, i block i, "
+                   "-1 final output (default); several are stacked on a first axis")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="activation dtype (outputs are float32)")
+    p.add_argument("--token_budget", type=int, default=4096, metavar="N",
+                   help="padded tokens per device per batch (default 4096)")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="checkpoint step (default: the latest complete one)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
-    command.add_arguments(sub.add_parser(
-        "probe", help="fit and score a probe head (SS3/SS8, localization, membrane)",
-        description="Fits the ProtTrans heads on a model's embeddings (or an HDF5 file) "
-        "and on the one-hot / composition baseline; writes result.json, results.md and "
-        "learning_curve.png. --write_test_fasta writes the probe test sequences."))
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from protlm_jax import embed
+
+    if args.token_budget < 1:
+        raise ProtlmError(f"--token_budget must be positive, got {args.token_budget}")
+    embedder = embed.load_model(args.model, args.step)
+    stats = embed.embed_fasta(embedder, args.input, args.output,
+                              per_protein=args.per_protein, layers=args.layers,
+                              dtype=args.dtype, token_budget=args.token_budget,
+                              progress=not args.no_progress)
+    print(f"protlm embed: embedded {stats['embedded']:,} sequences "
+          f"({stats['residues']:,} residues), skipped {stats['skipped_existing']:,} "
+          f"already in {args.output}; normalised {json.dumps(stats['normalised'])}",
+          file=sys.stderr)
+    return 0
+
+
+def _add_hf(sub) -> None:
+    p = sub.add_parser(
+        "export-hf", help="MODEL_DIR checkpoint → Hugging Face T5 directory",
+        description="Writes config.json, model.safetensors (sharded with an index above "
+        "--max_shard_size), the ProtT5 tokenizer files and a model card, loadable with "
+        "transformers' T5ForConditionalGeneration / T5EncoderModel and T5Tokenizer.")
+    p.add_argument("--model", required=True, metavar="DIR", help="a protlm MODEL_DIR")
+    p.add_argument("--output", required=True, metavar="HF_DIR", help="folder to write")
+    p.add_argument("--encoder_only", action="store_true",
+                   help="write a T5EncoderModel (shared embedding + encoder)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="weight dtype in the files (default float32)")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="checkpoint step (default: the latest complete one)")
+    p.add_argument("--max_shard_size", default="5GB", metavar="SIZE",
+                   help="split the weights into shards of at most SIZE (default 5GB)")
+    p = sub.add_parser(
+        "import-hf", help="Hugging Face T5 directory → protlm MODEL_DIR",
+        description="Reads a T5ForConditionalGeneration or T5EncoderModel directory "
+        "(safetensors, sharded safetensors, or a .bin through torch.load(weights_only=True)) "
+        "tensor by tensor into the mesh and writes a params-only checkpoint usable by "
+        "protlm embed, protlm eval and fine-tuning.")
+    p.add_argument("--input", required=True, metavar="HF_DIR", help="Hugging Face folder")
+    p.add_argument("--output", required=True, metavar="DIR", help="MODEL_DIR to write")
+    p.add_argument("--step", type=int, default=0, metavar="N",
+                   help="step number of the written checkpoint (default 0)")
+    p.add_argument("--model_parallel_size", type=int, default=1, metavar="N",
+                   help="shard the weights over N devices while importing (default 1)")
+    p.add_argument("--scan_layers", action="store_true",
+                   help="store the layers stacked (T5Config.scan_layers)")
 
 
 class _StderrHandler(logging.Handler):
@@ -213,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_data(sub)
     _add_examples(sub)
-    _add_hf(sub)
     _add_probe(sub)
+    _add_embed(sub)
+    _add_hf(sub)
     _add_gin_run(sub, "train", "train or resume a model configured with gin")
     _add_gin_run(sub, "eval", "evaluate a checkpoint configured with gin")
     from protlm_jax import plan
@@ -246,12 +311,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return data_fetch.run(args)
         if args.command == "examples":
             return _run_examples(args)
-        if args.command in ("export-hf", "import-hf"):
-            return _run_hf(args)
         if args.command == "probe":
             from protlm_jax.probes import command
 
             return command.run(args)
+        if args.command == "embed":
+            return _run_embed(args)
+        if args.command in ("export-hf", "import-hf"):
+            return _run_hf(args)
         if args.command in ("train", "eval", "plan"):
             return _run_gin(args, gin_bindings)
     except ProtlmError as e:

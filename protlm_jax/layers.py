@@ -397,7 +397,14 @@ def chunked_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, *,
             kj, k_BCHK, v_BCHK, mask_BC = xs
             logits = jnp.einsum("bqhk,bshk->bhqs", q_BCHK, k_BCHK).astype(jnp.float32)
             if bias is not None:
-                logits = logits + bias(q_pos, kj * c + offsets)
+                k_pos = kj * c + offsets
+                # Pairs at least max_distance apart share one bucket per
+                # direction: blocks that far off the diagonal need only one.
+                far = (jnp.abs(kj - qi) - 1) * c + 1 >= bias.max_distance
+                logits = logits + jax.lax.cond(
+                    far, lambda: jnp.broadcast_to(bias(q_pos[:1], k_pos[:1]),
+                                                  (1, h, c, c)),
+                    lambda: bias(q_pos, k_pos))
             logits = jnp.where(mask_BC[:, None, None, :], logits, neg)
             m_new = jnp.maximum(m_BHC, logits.max(axis=-1))
             p = jnp.exp(logits - m_new[..., None])
