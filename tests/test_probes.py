@@ -279,7 +279,8 @@ def test_trainer_hook_logs_probe_metrics(tmp_path, prepared_sample):
                                    log_period=1, checkpoint_period=100,
                                    async_checkpoints=False),
         model_feature_lengths=converter.get_model_feature_lengths(lengths),
-        init_inputs=("encoder_input_tokens", "decoder_input_tokens"), hooks=[hook])
+        init_inputs=("encoder_input_tokens", "decoder_input_tokens"), hooks=[hook],
+        devices=jax.devices()[:1])  # one device: fewer, cheaper compiles
     run.train(lambda start: data_pipeline.batches(data, 8, seed=0, start_batch=start))
     tags = {}
     for event_file in tf.io.gfile.glob(os.path.join(str(tmp_path), "train", "events*")):
