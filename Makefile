@@ -35,6 +35,7 @@ test: $(STAMP) data
 bench: $(STAMP) data
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/train_step.py
+	XLA_FLAGS= $(PY) benchmarks/embed.py
 
 clean:
 	rm -rf $(VENV) *.egg-info build
