@@ -673,10 +673,23 @@ class ImportedModel:
     has_head: bool
 
     def module(self) -> nn.Module:
-        """The Flax module to apply ``params`` with (``encode`` for embeddings)."""
+        """The Flax module to apply ``params`` with (see :attr:`encode_method`)."""
         from protlm_jax.models import build_model
 
         return build_model(self.config)[0]
+
+    @property
+    def encode_method(self) -> str:
+        """The module method giving last hidden states: ``encode``, or
+        ``generator_hidden`` for a lone ELECTRA generator."""
+        if self.architecture == "ElectraForMaskedLM" and "discriminator" not in self.params:
+            return "generator_hidden"
+        return "encode"
+
+    def encode(self, tokens: Any, **kwargs) -> jax.Array:
+        """Last hidden states [B, L, D] of ``[CLS] seq [SEP]`` token ids [B, L]."""
+        return self.module().apply({"params": self.params}, tokens,
+                                   method=self.encode_method, **kwargs)
 
 
 def read_state_dict(directory: str) -> Dict[str, Any]:
