@@ -112,10 +112,14 @@ class Embedder:
       mesh: a mesh with a ``data`` axis (and optionally ``model``); default:
         all devices on ``data``.
       long_length: bucket lengths above this run the chunked encoder.
+      attention_chunk_size: its query/key block length.
+      mlp_chunk_size: its feed-forward block length.
     """
 
     def __init__(self, family: str = "t5", config=None, params=None, vocab=None,
-                 mesh=None, *, long_length: int = LONG_LENGTH):
+                 mesh=None, *, long_length: int = LONG_LENGTH,
+                 attention_chunk_size: int = ATTENTION_CHUNK,
+                 mlp_chunk_size: int = MLP_CHUNK):
         from protlm_jax import partitioning
         from protlm_jax.models import t5
 
@@ -130,6 +134,8 @@ class Embedder:
         self.family = family
         self.vocab = vocab
         self.long_length = long_length
+        self.chunk_sizes = (attention_chunk_size, mlp_chunk_size)
+        self.step: Optional[int] = None  # the checkpoint step, when loaded from one
         # Inference: no dropout, no remat; layers unrolled so every block's
         # output can be captured.
         self.config = config.replace(dropout_rate=0.0, remat_policy="none", scan_layers=False,
@@ -167,7 +173,8 @@ class Embedder:
 
         cfg = self.config.replace(dtype=dtype)
         if chunked:
-            cfg = cfg.replace(attention_chunk_size=ATTENTION_CHUNK, mlp_chunk_size=MLP_CHUNK)
+            cfg = cfg.replace(attention_chunk_size=self.chunk_sizes[0],
+                              mlp_chunk_size=self.chunk_sizes[1])
         model = t5.T5EncoderOnly(cfg)
         n, pad_id = self.num_layers, cfg.pad_id
         wanted = {f"layers_{i - 1}" for i in layers if 0 < i < n}

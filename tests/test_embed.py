@@ -132,8 +132,9 @@ def test_chunked_encoder_equals_plain(tiny_params, records):
 def test_embedder_switches_to_chunks_and_stays_exact(tiny_params, records):
     chosen = _in_one_bucket(records, 6)
     plain = embed.Embedder("t5", TINY, tiny_params, mesh=_one_device_mesh())
+    # Buckets above 64 tokens run in 48-token attention / 64-position MLP blocks.
     chunked = embed.Embedder("t5", TINY, tiny_params, mesh=_one_device_mesh(),
-                             long_length=64)
+                             long_length=64, attention_chunk_size=48, mlp_chunk_size=64)
     a, b = dict(plain.embed(chosen)), dict(chunked.embed(chosen))
     assert any(key[0] for key in chunked._fns) and not any(key[0] for key in plain._fns)
     for ident, _ in chosen:
