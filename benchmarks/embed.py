@@ -200,7 +200,7 @@ def bench_memory(report: Reporter, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num", type=int, default=400, help="records embedded")
+    parser.add_argument("--num", type=int, default=120, help="records embedded")
     parser.add_argument("--model", default="prot_t5_base")
     parser.add_argument("--token_budget", type=int, default=4096)
     parser.add_argument("--memory_model", default=None,
