@@ -10,6 +10,7 @@ Shapes: B batch rows, T target length, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax
@@ -41,7 +42,7 @@ def weighted_sums(tokens, weights_BxT, z_loss: float = 0.0):
 
     Returns:
       dict of scalars: ``loss`` (Σ w·CE), ``z_loss`` (Σ w·z·logZ²), ``correct``,
-      ``weight`` (Σ w).
+      ``weight`` (Σ w), ``loss_sq`` (Σ w·CE², for the standard error).
     """
     ce, log_z, correct = tokens
     weights = weights_BxT.astype(jnp.float32)
@@ -50,6 +51,7 @@ def weighted_sums(tokens, weights_BxT, z_loss: float = 0.0):
         "z_loss": jnp.sum(z_loss * jnp.square(log_z) * weights),
         "correct": jnp.sum(correct * weights),
         "weight": jnp.sum(weights),
+        "loss_sq": jnp.sum(jnp.square(ce) * weights),
     }
 
 
@@ -91,12 +93,18 @@ class EncDecObjective:
             masked = weights
         m = weighted_sums(tokens, masked)
         sums.update(masked_loss=m["loss"], masked_correct=m["correct"],
-                    masked_weight=m["weight"])
+                    masked_weight=m["weight"], masked_loss_sq=m["loss_sq"])
+        del sums["loss_sq"]
         return sums["loss"] + sums["z_loss"], sums
 
 
 def finalize_metrics(sums: Mapping[str, Any]) -> dict[str, float]:
-    """Per-token means from sums (safe when a count is zero)."""
+    """Per-token means from sums (safe when a count is zero).
+
+    With ``masked_loss_sq`` present, ``masked_loss_stderr`` is the standard
+    error of the masked-token mean, sd(CE) / sqrt(N), treating tokens as
+    independent (residues of one protein are not quite, so it is a floor).
+    """
     def div(a, b):
         return float(a) / float(b) if float(b) else float("nan")
 
@@ -108,4 +116,9 @@ def finalize_metrics(sums: Mapping[str, Any]) -> dict[str, float]:
     if "masked_weight" in sums:
         out["masked_loss"] = div(sums["masked_loss"], sums["masked_weight"])
         out["masked_accuracy"] = div(sums["masked_correct"], sums["masked_weight"])
+        if "masked_loss_sq" in sums and float(sums["masked_weight"]) > 1:
+            n = float(sums["masked_weight"])
+            var = max(div(sums["masked_loss_sq"], n) - out["masked_loss"] ** 2, 0.0)
+            out["masked_loss_stderr"] = math.sqrt(var * n / (n - 1) / n)
+            out["masked_tokens"] = n
     return out
