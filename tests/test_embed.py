@@ -18,7 +18,9 @@ import torch
 import transformers
 
 from conftest import read_sample_records
-from protlm_jax import cli, embed, hf_t5, partitioning
+# Imported before any capsys test: the Trainer binds sys.stdout as its default
+# log at import, and a capsys stream is closed after its test.
+from protlm_jax import cli, embed, hf_t5, partitioning, trainer  # noqa: F401
 from protlm_jax.models import t5
 from protlm_jax.vocabularies import ProtT5Vocabulary
 
