@@ -26,7 +26,7 @@ venv: $(STAMP)
 data: $(STAMP)
 	$(VENV)/bin/protlm data fetch --dataset all
 
-demo: $(STAMP)
+demo: $(STAMP) data
 	$(PY) -m protlm_jax.demo --workdir $(DEMO_DIR)
 
 test: $(STAMP) data
