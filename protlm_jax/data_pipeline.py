@@ -66,7 +66,15 @@ def _shard_stream(config: DataConfig, shard: int, num_shards: int, local_batch: 
         shard_info=seqio.ShardInfo(index=shard, num_shards=num_shards),
         use_cached=config.use_cached,
         feature_converter=feature_converter(config.task, config.pack))
-    return ds.batch(local_batch, drop_remainder=True)
+    # Training streams repeat, so every batch is full. A finite pass (eval)
+    # keeps its last, partial batch; `batches` pads it with zero-weight rows.
+    return ds.batch(local_batch, drop_remainder=num_epochs is None)
+
+
+def _zero_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """``batch`` padded with all-zero rows (weight 0: they add nothing) to ``rows``."""
+    return {k: np.concatenate([v, np.zeros((rows - v.shape[0],) + v.shape[1:], v.dtype)])
+            for k, v in batch.items()}
 
 
 def batches(config: DataConfig, global_batch_size: int, *, seed: int,
@@ -96,9 +104,18 @@ def batches(config: DataConfig, global_batch_size: int, *, seed: int,
     local = global_batch_size // num_shards
     streams = [_shard_stream(config, s, num_shards, local, seed, num_epochs)
                .skip(start_batch).as_numpy_iterator() for s in mine]
-    while True:
-        try:
+    if num_epochs is None:
+        while True:
             parts = [next(stream) for stream in streams]
-        except StopIteration:
+            yield {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+    # A finite pass reads every example: partial batches and shards that end
+    # early are padded with zero-weight rows until the last shard is done.
+    like = None
+    while True:
+        parts = [next(stream, None) for stream in streams]
+        if all(p is None for p in parts):
             return
+        like = like or next(p for p in parts if p is not None)
+        parts = [_zero_rows(p if p is not None else {k: v[:0] for k, v in like.items()},
+                            local) for p in parts]
         yield {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}

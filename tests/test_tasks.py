@@ -109,3 +109,19 @@ def test_offline_cache_with_seqio_cache_tasks(prepared_sample, tmp_path):
     differs = [not np.array_equal(a["inputs"], b["inputs"])
                for a, b in zip(runs[0], runs[1])]
     assert any(differs)
+
+
+def test_a_finite_pass_keeps_every_example(prepared_sample):
+    """Eval batches that do not divide the split are padded with zero rows,
+    over two data shards, so no held-out protein is dropped."""
+    from protlm_jax import data_pipeline
+
+    _, stats = prepared_sample
+    config = data_pipeline.DataConfig(
+        task="uniprot_sample_prott5", feature_lengths={"inputs": 64, "targets": 64},
+        split="validation", pack=False, shuffle=False, num_data_shards=2)
+    rows = [b for b in data_pipeline.batches(config, 24, seed=0, num_epochs=1)]
+    assert all(b["decoder_target_tokens"].shape == (24, 64) for b in rows)
+    real = sum(int((b["decoder_target_tokens"] != 0).any(axis=1).sum()) for b in rows)
+    assert real == stats["splits"]["validation"]
+    assert len(rows) * 24 > real  # the split does not fill whole batches
