@@ -144,16 +144,31 @@ class Embedder:
         self.mesh = mesh if mesh is not None else partitioning.create_mesh(1)
         self.rules = partitioning.standard_logical_axis_rules("1d")
         self.data_size = int(self.mesh.shape["data"])
-        tree = params.get("params", params)
-        tree = {"token_embedder": tree["token_embedder"], "encoder": tree["encoder"]}
-        tree = _unscan(tree, self.num_layers)
         with partitioning.axis_rules(self.mesh, self.rules):
             abstract = t5.abstract_params(self.config, encoder_only=True)
             self._param_shardings, _ = partitioning.param_shardings(
                 abstract, self.mesh, self.rules)
-        self.params = jax.device_put(jax.tree.map(jnp.asarray, tree), self._param_shardings)
+        self.params = self._place(params)
         self._batch_sharding = partitioning.batch_sharding(self.mesh)
         self._fns: Dict[tuple, Any] = {}
+
+    def _place(self, params) -> Dict[str, Any]:
+        """The encoder part of a T5 or encoder-only tree, unscanned, on the mesh."""
+        tree = params.get("params", params)
+        tree = {"token_embedder": tree["token_embedder"], "encoder": tree["encoder"]}
+        tree = _unscan(tree, self.num_layers)
+        return jax.device_put(jax.tree.map(jnp.asarray, tree), self._param_shardings)
+
+    def with_params(self, params) -> "Embedder":
+        """This embedder (config, mesh, compiled programs) on other weights of
+        the same shapes: a training hook embeds with the live parameters at
+        every probe step without compiling again."""
+        import copy
+
+        other = copy.copy(self)  # shares the dict of compiled programs
+        other.params = self._place(params)
+        other.step = None
+        return other
 
     # ------------------------------------------------------------ helpers ---
 

@@ -84,6 +84,21 @@ def test_alone_equals_inside_a_padded_bucketed_batch(embedder, records):
         np.testing.assert_allclose(batch[ident], alone, atol=2e-5, rtol=1e-5)
 
 
+def test_with_params_embeds_other_weights_on_the_same_programs(embedder, records):
+    chosen = _in_one_bucket(records, 4)
+    other = t5.T5EncoderOnly(TINY).init(jax.random.PRNGKey(7), jnp.ones((1, 8), jnp.int32))
+    fresh = dict(embed.Embedder("t5", TINY, other["params"]).embed(chosen, per_protein=True))
+    dict(embedder.embed(chosen, per_protein=True))  # compiles this shape once
+    compiled = len(embedder._fns)
+    moved = embedder.with_params(other)
+    got = dict(moved.embed(chosen, per_protein=True))
+    assert len(embedder._fns) == compiled  # nothing new was compiled
+    for ident, _ in chosen:
+        np.testing.assert_allclose(got[ident], fresh[ident], atol=1e-6, rtol=1e-6)
+    before = dict(embedder.embed(chosen[:1], per_protein=True))
+    assert not np.allclose(before[chosen[0][0]], got[chosen[0][0]])  # weights differ
+
+
 def test_per_residue_drops_eos_and_per_protein_is_the_mean_over_residues(
         embedder, tiny_params, records):
     chosen = _in_one_bucket(records, 12)

@@ -58,7 +58,7 @@ class ProbeHook:
 
     def __post_init__(self):
         self._tasks: dict = {}
-        self._compiled = None  # the embedder's compiled programs, reused
+        self._embedder = None  # the first probe step's; later steps reuse its programs
 
     def _task(self, spec: str) -> datasets.ProbeTask:
         if spec not in self._tasks:  # loaded once per run
@@ -84,13 +84,13 @@ class ProbeHook:
         mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
         if mesh is not None and "data" not in getattr(mesh, "axis_names", ()):
             mesh = None
-        embedder = embed.Embedder(config=self.model_config, params=params, mesh=mesh)
-        # A new Embedder per probe step (the trainer donates the state buffers
-        # at the next step), but the same compiled programs: shapes, config and
-        # shardings do not change during a run.
-        if self._compiled is not None and hasattr(embedder, "_fns"):
-            embedder._fns = self._compiled
-        self._compiled = getattr(embedder, "_fns", None)
+        # The live parameters on the first embedder's compiled programs: shapes,
+        # config and shardings do not change during a run.
+        if self._embedder is None:
+            self._embedder = embed.Embedder(config=self.model_config, params=params, mesh=mesh)
+            embedder = self._embedder
+        else:
+            embedder = self._embedder.with_params(params)
         featurizer = features.ModelFeatures(embedder, name="model",
                                             token_budget=self.token_budget)
         config = train.ProbeConfig(max_epochs=self.max_epochs, patience=self.patience,
