@@ -11,7 +11,7 @@ short by a kill is never picked up.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -83,3 +83,76 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def read_params(model_dir: str, step: Optional[int] = None, *, encoder_only: bool = False,
+                keep: Optional[Sequence[str]] = None, mesh: Optional[jax.sharding.Mesh] = None,
+                rules: Optional[Sequence] = None) -> Tuple[Any, Any, dict, int]:
+    """The params (only) of a MODEL_DIR checkpoint, a training state or imported.
+
+    Reads just ``params`` (an orbax partial restore: no optimizer state) into
+    their shardings on ``mesh``; the model config (any family) comes from the
+    checkpoint's metadata.
+
+    Args:
+      model_dir: the MODEL_DIR (its ``checkpoints/`` folder is read).
+      step: the checkpoint step; default the latest complete one.
+      encoder_only: T5: only the token embedding and the encoder (what an
+        encoder-only import holds, and all that embedding needs).
+      keep: top-level parameter collections to read (e.g. no MLM head);
+        default all (after ``encoder_only``).
+      mesh: default the first device alone.
+      rules: logical axis rules; default the 1-D set.
+
+    Returns:
+      (config, params, metadata, step).
+
+    Raises:
+      ProtlmError: no checkpoint, unknown step, metadata or params that do not
+        match.
+    """
+    from protlm_jax import partitioning
+    from protlm_jax.errors import ProtlmError
+    from protlm_jax.models import abstract_params_of, config_from_dict
+
+    directory = os.path.join(os.path.abspath(model_dir) if "://" not in model_dir
+                             else model_dir, "checkpoints")
+    if "://" not in directory and not os.path.isdir(directory):
+        raise ProtlmError(f"{model_dir}: no checkpoints/ folder (not a protlm MODEL_DIR)")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False))
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise ProtlmError(f"{directory}: no complete checkpoint")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ProtlmError(f"{directory}: no checkpoint of step {step} (have "
+                              f"{', '.join(map(str, steps))})")
+        where = os.path.join(directory, str(step))
+        meta = dict(manager.restore(step, args=ocp.args.Composite(
+            metadata=ocp.args.JsonRestore()))["metadata"])
+        config = config_from_dict(meta.get("model_config"), where)
+        if meta.get("encoder_only") and not encoder_only:
+            raise ProtlmError(f"{where}: an encoder-only checkpoint (imported from a "
+                              f"T5EncoderModel); use it encoder-only (export-hf --encoder_only)")
+        mesh = mesh if mesh is not None else partitioning.create_mesh(1, jax.devices()[:1])
+        rules = rules or partitioning.standard_logical_axis_rules("1d")
+        abstract = abstract_params_of(config, encoder_only=encoder_only)
+        if keep is not None:
+            abstract = {k: v for k, v in abstract.items() if k in keep}
+        with partitioning.axis_rules(mesh, rules):
+            shardings, abstract = partitioning.param_shardings(abstract, mesh, rules)
+        item = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item={"params": item}, restore_args={"params": restore_args},
+                partial_restore=True)))
+        except (ValueError, KeyError) as e:
+            raise ProtlmError(f"{where}: params do not match its model_config "
+                              f"({' '.join(str(e).split())[:300]})") from None
+    finally:
+        manager.close()
+    return config, out["state"]["params"], meta, step

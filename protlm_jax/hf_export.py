@@ -23,7 +23,6 @@ one with a copy of the embedding as ``lm_head.weight``, so the two
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -34,7 +33,6 @@ import numpy as np
 
 from protlm_jax import hf_t5, hf_tokenizer
 from protlm_jax.errors import ProtlmError
-from protlm_jax.models import t5
 from protlm_jax.models.t5 import T5Config
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -54,70 +52,21 @@ def parse_size(text: str) -> int:
 
 # ------------------------------------------------------- reading MODEL_DIR ---
 
-def _config_from_metadata(meta: Dict[str, Any], where: str) -> T5Config:
-    model_config = meta.get("model_config")
-    if not isinstance(model_config, dict):
-        raise ProtlmError(f"{where}: checkpoint metadata has no model_config "
-                          f"(not a protlm T5 checkpoint)")
-    fields = {f.name for f in dataclasses.fields(T5Config)}
-    unknown = sorted(set(model_config) - fields)
-    if unknown:
-        raise ProtlmError(f"{where}: model_config has fields T5Config does not know: "
-                          f"{', '.join(unknown)}")
-    return T5Config(**model_config)
-
-
 def restore_params(model_dir: str, step: Optional[int] = None, *, encoder_only: bool = False,
                    mesh: Optional[jax.sharding.Mesh] = None,
                    rules: Optional[Sequence] = None) -> Tuple[T5Config, Any, Dict[str, Any]]:
-    """The params (only) of a MODEL_DIR checkpoint, training state or imported.
+    """The params (only) of a T5 MODEL_DIR checkpoint: (config, params, metadata).
 
-    Restores just ``params`` (orbax partial restore) into their shardings on
-    ``mesh`` (default: the first device); the optimizer state is never read.
-
-    Returns:
-      (config, params, checkpoint metadata).
+    ``checkpoints.read_params`` for the T5 family (others are refused).
     """
-    import orbax.checkpoint as ocp
+    from protlm_jax.checkpoints import read_params
 
-    from protlm_jax import partitioning
-
-    directory = os.path.join(os.path.abspath(model_dir) if "://" not in model_dir
-                             else model_dir, "checkpoints")
-    if "://" not in directory and not os.path.isdir(directory):
-        raise ProtlmError(f"{model_dir}: no checkpoints/ folder (not a protlm MODEL_DIR)")
-    manager = ocp.CheckpointManager(directory)
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise ProtlmError(f"{directory}: no complete checkpoint")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ProtlmError(f"{directory}: no checkpoint of step {step} (have "
-                          f"{', '.join(map(str, steps))})")
-    where = os.path.join(directory, str(step))
-    meta = dict(manager.restore(step, args=ocp.args.Composite(
-        metadata=ocp.args.JsonRestore()))["metadata"])
-    config = _config_from_metadata(meta, where)
-    if meta.get("encoder_only") and not encoder_only:
-        raise ProtlmError(f"{where}: an encoder-only checkpoint (imported from a "
-                          f"T5EncoderModel); export it with --encoder_only")
-    if mesh is None:
-        mesh = partitioning.create_mesh(1, jax.devices()[:1])
-    rules = rules or partitioning.standard_logical_axis_rules("1d")
-    shardings, abstract = partitioning.param_shardings(
-        t5.abstract_params(config, encoder_only=encoder_only), mesh, rules)
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
-    item = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-    try:
-        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": item}, restore_args={"params": restore_args},
-            partial_restore=True)))
-    except (ValueError, KeyError) as e:
-        raise ProtlmError(f"{where}: params do not match its model_config "
-                          f"({' '.join(str(e).split())[:300]})") from None
-    manager.close()
-    return config, out["state"]["params"], meta
+    config, params, meta, step = read_params(model_dir, step, encoder_only=encoder_only,
+                                             mesh=mesh, rules=rules)
+    if not isinstance(config, T5Config):
+        raise ProtlmError(f"{model_dir}: a {type(config).__name__} checkpoint, not T5")
+    meta.setdefault("step", step)
+    return config, params, meta
 
 
 # --------------------------------------------------------------- writing ---
