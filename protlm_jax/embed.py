@@ -10,15 +10,19 @@ What ProtTrans users do most, done fast and exactly:
 * Long proteins run the encoder with exact chunked attention and chunked
   feed-forward (``T5Config.attention_chunk_size``/``mlp_chunk_size``): memory
   grows linearly with the length, so a 35,000-residue protein embeds whole.
-* Per-residue output keeps the L residue positions (T5: ``[:L]``, the ``</s>``
-  is dropped); per-protein output is the mean over those positions only.
+* Each family's input convention: ProtT5 ``seq </s>`` (per residue ``[:L]``);
+  ProtBert, ProtAlbert, ProtElectra ``[CLS] seq [SEP]`` (per residue
+  ``[1:L+1]``). Per-protein output is the mean over the L residue positions
+  only: special tokens and padding never enter.
 * HDF5 output as ProtTrans' ``prott5_embedder.py`` writes it: one dataset per
   sequence keyed by the sanitised header, plus the ``original_id`` attribute
   (bio_embeddings' convention) and ``length``. Rerunning skips ids present.
 
 Layers are numbered like Hugging Face's ``hidden_states``: 0 is the token
-embedding, i (1..N-1) the output of encoder block i, N (or -1) the final
-layer-normed output (``last_hidden_state``); negative indices count from N.
+embedding (BERT family: the embedding output after its LayerNorm and, for
+ALBERT/ELECTRA, the projection to the hidden width), i (1..N-1) the output of
+encoder block i, N (or -1) the final output (``last_hidden_state``); negative
+indices count from N.
 
 Shape legend: B batch rows, L residues, T tokens (bucket length), D d_model,
 N encoder layers, Y requested layers.
@@ -98,54 +102,114 @@ def _unscan(tree: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
     return {**tree, "encoder": enc}
 
 
+def _electra_tower(params: Dict[str, Any]) -> str:
+    """The ELECTRA tower to embed with: the discriminator (the model ProtTrans
+    publishes), or the generator when only that tower is present."""
+    return "generator" if "generator" in params and "discriminator" not in params \
+        else "discriminator"
+
+
+def _encoder_tree(family: str, params: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
+    """The params an encoder forward pass needs, unscanned.
+
+    T5: ``token_embedder`` and ``encoder``. BERT/ALBERT: ``embeddings``,
+    ``embedding_projection`` and ``encoder`` (no MLM head). ELECTRA: the shared
+    ``embeddings`` with the chosen tower's subtree, shaped like BERT's.
+    """
+    tree = params.get("params", params)
+    if family == "t5":
+        tree = {"token_embedder": tree["token_embedder"], "encoder": tree["encoder"]}
+    else:
+        if family == "electra" and "encoder" not in tree:
+            tower = _electra_tower(tree)
+            if tower not in tree:
+                raise ProtlmError("ELECTRA params have neither a discriminator nor a generator")
+            tree = {"embeddings": tree["embeddings"], **tree[tower]}
+        tree = {k: v for k, v in tree.items()
+                if k in ("embeddings", "embedding_projection", "encoder")}
+    return _unscan(tree, num_layers)
+
+
+def _default_vocab(family: str):
+    from protlm_jax.vocabularies import ProtBertVocabulary, ProtT5Vocabulary
+
+    # ProtAlbert's pieces put [PAD] [UNK] [CLS] [SEP] [MASK] and the residues at
+    # ProtBert's ids (our ALBERT trains on ProtBert ids; 30..33 are unused).
+    return ProtT5Vocabulary() if family == "t5" else ProtBertVocabulary()
+
+
 class Embedder:
     """Batched, sharded, length-bucketed encoder forward passes.
 
     Args:
-      family: the model family; only "t5" (ProtT5, ``T5EncoderOnly``) so far.
-      config: the model's ``T5Config``.
-      params: encoder params: ``{"token_embedder", "encoder"}`` (a full T5
-        tree, or one wrapped in ``{"params": ...}``, also works; scanned
-        layers are unstacked).
-      vocab: a seqio vocabulary with ``encode`` and ``eos_id``
-        (``ProtT5Vocabulary()`` by default).
+      family: "t5", "bert", "albert" or "electra"; None: follow ``config``.
+      config: the model's config (``T5Config``, ``BertConfig`` or
+        ``ElectraConfig``).
+      params: the model's params: a full tree (``{"params": ...}`` wrapped or
+        not) or just its encoder part; heads, the T5 decoder and the ELECTRA
+        generator are not used; scanned layers are unstacked.
+      vocab: a seqio vocabulary with ``encode`` (and, for the BERT family,
+        ``CLS_ID``/``SEP_ID``): ProtT5's or ProtBert's by default; an
+        imported checkpoint's own vocabulary otherwise.
       mesh: a mesh with a ``data`` axis (and optionally ``model``); default:
         all devices on ``data``.
       long_length: bucket lengths above this run the chunked encoder.
       attention_chunk_size: its query/key block length.
-      mlp_chunk_size: its feed-forward block length.
+      mlp_chunk_size: its feed-forward block length (T5).
     """
 
-    def __init__(self, family: str = "t5", config=None, params=None, vocab=None,
+    def __init__(self, family: Optional[str] = None, config=None, params=None, vocab=None,
                  mesh=None, *, long_length: int = LONG_LENGTH,
                  attention_chunk_size: int = ATTENTION_CHUNK,
                  mlp_chunk_size: int = MLP_CHUNK):
         from protlm_jax import partitioning
-        from protlm_jax.models import t5
+        from protlm_jax.models import bert, family_of, t5
 
-        if family != "t5":
-            raise ProtlmError(f"embedding supports the t5 family, not {family!r}")
         if config is None or params is None:
             raise ValueError("Embedder needs a config and params")
-        if vocab is None:
-            from protlm_jax.vocabularies import ProtT5Vocabulary
-
-            vocab = ProtT5Vocabulary()
-        self.family = family
-        self.vocab = vocab
+        model_family = family_of(config)
+        if family is not None and family != model_family:
+            raise ProtlmError(f"Embedder: family {family!r} but a {model_family} config")
+        self.family = model_family
+        self.vocab = vocab if vocab is not None else _default_vocab(model_family)
         self.long_length = long_length
         self.chunk_sizes = (attention_chunk_size, mlp_chunk_size)
         self.step: Optional[int] = None  # the checkpoint step, when loaded from one
+        tree = params.get("params", params)
         # Inference: no dropout, no remat; layers unrolled so every block's
         # output can be captured.
-        self.config = config.replace(dropout_rate=0.0, remat_policy="none", scan_layers=False,
-                                     attention_chunk_size=None, mlp_chunk_size=None)
-        self.num_layers = self.config.num_encoder_layers
+        if model_family == "t5":
+            self.config = config.replace(dropout_rate=0.0, remat_policy="none",
+                                         scan_layers=False, attention_chunk_size=None,
+                                         mlp_chunk_size=None)
+            self.num_layers = self.config.num_encoder_layers
+            self.max_tokens = None  # relative positions: any length
+            # seq </s>: residues are the first L tokens.
+            self.prefix, self.suffix = [], [self.vocab.eos_id]
+            abstract = t5.abstract_params(self.config, encoder_only=True)
+        else:
+            tower = config
+            if model_family == "electra":
+                tower = getattr(config, _electra_tower(tree))
+            self.config = tower.replace(hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0,
+                                        remat_policy="none", scan_layers=False,
+                                        attention_chunk_size=None)
+            self.num_layers = self.config.num_hidden_layers
+            self.max_tokens = self.config.max_position_embeddings
+            cls_id, sep_id = getattr(self.vocab, "CLS_ID", None), getattr(self.vocab, "SEP_ID", None)
+            if cls_id is None or sep_id is None:
+                raise ProtlmError(f"{self.family} embedding needs [CLS] and [SEP] in the "
+                                  f"vocabulary {self.vocab!r}")
+            self.prefix, self.suffix = [int(cls_id)], [int(sep_id)]
+            abstract = {k: v for k, v in bert.abstract_params(self.config).items()
+                        if k in ("embeddings", "embedding_projection", "encoder")}
+        self._tree_keys = tuple(abstract)
+        del tree
         self.mesh = mesh if mesh is not None else partitioning.create_mesh(1)
         self.rules = partitioning.standard_logical_axis_rules("1d")
         self.data_size = int(self.mesh.shape["data"])
         with partitioning.axis_rules(self.mesh, self.rules):
-            abstract = t5.abstract_params(self.config, encoder_only=True)
             self._param_shardings, _ = partitioning.param_shardings(
                 abstract, self.mesh, self.rules)
         self.params = self._place(params)
@@ -153,10 +217,12 @@ class Embedder:
         self._fns: Dict[tuple, Any] = {}
 
     def _place(self, params) -> Dict[str, Any]:
-        """The encoder part of a T5 or encoder-only tree, unscanned, on the mesh."""
-        tree = params.get("params", params)
-        tree = {"token_embedder": tree["token_embedder"], "encoder": tree["encoder"]}
-        tree = _unscan(tree, self.num_layers)
+        """The encoder part of ``params``, unscanned, on the mesh."""
+        tree = _encoder_tree(self.family, params, self.num_layers)
+        missing = [k for k in self._tree_keys if k not in tree]
+        if missing:
+            raise ProtlmError(f"params lack {', '.join(missing)}")
+        tree = {k: tree[k] for k in self._tree_keys}
         return jax.device_put(jax.tree.map(jnp.asarray, tree), self._param_shardings)
 
     def with_params(self, params) -> "Embedder":
@@ -179,47 +245,89 @@ class Embedder:
                               f"(0 = embeddings, {n} or -1 = final output)")
         return layer % (n + 1)
 
+    def _module_and_captures(self, chunked: bool, dtype: str, layers: Tuple[int, ...]):
+        """(module, apply method, capture filter, getter) of one forward program.
+
+        The getter maps (final output, captured intermediates, layer index) to
+        that layer's [B, T, D] representation (HF ``hidden_states`` numbering).
+        """
+        from protlm_jax.models import bert, t5
+
+        n = self.num_layers
+        if self.family == "t5":
+            cfg = self.config.replace(dtype=dtype)
+            if chunked:
+                cfg = cfg.replace(attention_chunk_size=self.chunk_sizes[0],
+                                  mlp_chunk_size=self.chunk_sizes[1])
+            wanted = {f"layers_{i - 1}" for i in layers if 0 < i < n}
+            first = "token_embedder"
+
+            def get(final, inter, i):
+                if i == n:
+                    return final
+                if i == 0:
+                    return inter[first]["__call__"][0]
+                return inter["encoder"][f"layers_{i - 1}"]["__call__"][0][0]
+
+            return t5.T5EncoderOnly(cfg), "__call__", wanted, first, get
+        cfg = self.config.replace(dtype=dtype)
+        if chunked:
+            cfg = cfg.replace(attention_chunk_size=self.chunk_sizes[0])
+        first = "embedding_projection" if cfg.has_embedding_projection else "embeddings"
+        if cfg.family == "albert":
+            # Shared groups: layer j runs group g(j) (as HF); its k-th call is
+            # the k-th entry of that group's captured calls.
+            groups = [int(j / (n / cfg.num_hidden_groups)) for j in range(n)]
+            calls = [groups[:j].count(groups[j]) for j in range(n)]
+            wanted = {f"groups_{groups[i - 1]}" for i in layers if 0 < i < n}
+
+            def block(inter, j):
+                return inter["encoder"][f"groups_{groups[j]}"]["__call__"][calls[j]][0]
+        else:
+            wanted = {f"layers_{i - 1}" for i in layers if 0 < i < n}
+
+            def block(inter, j):
+                return inter["encoder"][f"layers_{j}"]["__call__"][0][0]
+
+        def get(final, inter, i):
+            if i == n:
+                return final
+            if i == 0:
+                return inter[first]["__call__"][0]
+            return block(inter, i - 1)
+
+        return bert.Bert(cfg), "encode", wanted, first, get
+
     def _fn(self, chunked: bool, layers: Tuple[int, ...], per_protein: bool, dtype: str):
         key = (chunked, layers, per_protein, dtype)
         if key in self._fns:
             return self._fns[key]
         from protlm_jax import partitioning
-        from protlm_jax.models import t5
 
-        cfg = self.config.replace(dtype=dtype)
-        if chunked:
-            cfg = cfg.replace(attention_chunk_size=self.chunk_sizes[0],
-                              mlp_chunk_size=self.chunk_sizes[1])
-        model = t5.T5EncoderOnly(cfg)
-        n, pad_id = self.num_layers, cfg.pad_id
-        wanted = {f"layers_{i - 1}" for i in layers if 0 < i < n}
-        capture_embedding = 0 in layers
+        model, method, wanted, first, get = self._module_and_captures(chunked, dtype, layers)
+        capture_first = 0 in layers
+        pad_id = self.config.pad_id
+        offset, specials = len(self.prefix), len(self.prefix) + len(self.suffix)
 
         def keep(mdl, method_name):
             return method_name == "__call__" and (
-                mdl.name in wanted or (capture_embedding and mdl.name == "token_embedder"))
+                mdl.name in wanted or (capture_first and mdl.name == first))
 
         def forward(params, tokens_BT):
-            if wanted or capture_embedding:
-                final, state = model.apply({"params": params}, tokens_BT,
+            if wanted or capture_first:
+                final, state = model.apply({"params": params}, tokens_BT, method=method,
                                            capture_intermediates=keep)
                 inter = state["intermediates"]
             else:
-                final, inter = model.apply({"params": params}, tokens_BT), {}
-            reps = []
-            for i in layers:
-                if i == n:
-                    reps.append(final)
-                elif i == 0:
-                    reps.append(inter["token_embedder"]["__call__"][0])
-                else:
-                    reps.append(inter["encoder"][f"layers_{i - 1}"]["__call__"][0][0])
-            x_BYTD = jnp.stack([r.astype(jnp.float32) for r in reps], axis=1)
-            # Residues are the non-pad tokens before </s>.
-            lengths_B = jnp.sum(tokens_BT != pad_id, axis=1) - 1
+                final, inter = model.apply({"params": params}, tokens_BT, method=method), {}
+            x_BYTD = jnp.stack([get(final, inter, i).astype(jnp.float32) for i in layers],
+                               axis=1)
             if not per_protein:
                 return x_BYTD
-            valid_BT = jnp.arange(tokens_BT.shape[1])[None, :] < lengths_B[:, None]
+            # Residues: the L non-pad tokens after the prefix, before the suffix.
+            lengths_B = jnp.sum(tokens_BT != pad_id, axis=1) - specials
+            pos_T = jnp.arange(tokens_BT.shape[1]) - offset
+            valid_BT = (pos_T[None, :] >= 0) & (pos_T[None, :] < lengths_B[:, None])
             total_BYD = jnp.einsum("byld,bl->byd", x_BYTD, valid_BT.astype(jnp.float32))
             return total_BYD / jnp.maximum(lengths_B, 1)[:, None, None].astype(jnp.float32)
 
@@ -235,7 +343,10 @@ class Embedder:
         order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
         by_bucket: Dict[int, List[int]] = collections.defaultdict(list)
         for i in order:
-            by_bucket[bucket_length(len(items[i][1]))].append(i)
+            bucket = bucket_length(len(items[i][1]))
+            if self.max_tokens is not None:  # learned positions end there
+                bucket = min(bucket, self.max_tokens)
+            by_bucket[bucket].append(i)
         plan = []
         for bucket in sorted(by_bucket, reverse=True):
             members = by_bucket[bucket]
@@ -285,23 +396,28 @@ class Embedder:
         if not layers:
             raise ProtlmError("--layers: give at least one layer")
         layer_idx = tuple(self._layer_index(i) for i in layers)
-        eos = self.vocab.eos_id
         items = []
         for ident, seq in records:
             seq = clean_sequence(seq)
             if not seq or not seq.isascii() or not seq.isalpha():
                 raise ProtlmError(f"sequence {ident!r}: "
                                   f"{'empty' if not seq else 'characters other than letters'}")
-            items.append((ident, list(self.vocab.encode(seq)) + [eos]))
+            ids = self.prefix + list(self.vocab.encode(seq)) + self.suffix
+            if self.max_tokens is not None and len(ids) > self.max_tokens:
+                raise ProtlmError(
+                    f"sequence {ident!r}: {len(seq):,} residues + {len(ids) - len(seq)} "
+                    f"special tokens exceed the model's {self.max_tokens:,} positions")
+            items.append((ident, ids))
+        offset, specials = len(self.prefix), len(self.prefix) + len(self.suffix)
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=sum(len(t) - 1 for _, t in items), unit="res", unit_scale=True,
+            bar = tqdm(total=sum(len(t) - specials for _, t in items), unit="res", unit_scale=True,
                        desc="embed", file=sys.stderr, mininterval=1.0, smoothing=0.1)
         try:
             for bucket, rows, members in self._plan(items, token_budget):
-                tokens = np.zeros((rows, bucket), np.int32)
+                tokens = np.full((rows, bucket), self.config.pad_id, np.int32)
                 for r, i in enumerate(members):
                     ids = items[i][1]
                     tokens[r, :len(ids)] = ids
@@ -310,10 +426,11 @@ class Embedder:
                     tokens, self._batch_sharding))))
                 for r, i in enumerate(members):
                     ident, ids = items[i]
-                    arr = out[r] if per_protein else out[r, :, :len(ids) - 1]
+                    length = len(ids) - specials
+                    arr = out[r] if per_protein else out[r, :, offset:offset + length]
                     yield ident, (arr[0] if len(layer_idx) == 1 else arr)
                     if bar is not None:
-                        bar.update(len(ids) - 1)
+                        bar.update(length)
         finally:
             if bar is not None:
                 bar.close()
@@ -321,23 +438,45 @@ class Embedder:
 
 # --------------------------------------------------------------- loading ---
 
-def _t5_config_from_metadata(model_config: dict):
-    import dataclasses
+def _hf_model_type(path: str) -> str:
+    import json
 
-    from protlm_jax.models import t5
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path) as f:
+            return str(json.load(f).get("model_type", "t5"))
+    except (OSError, ValueError) as e:
+        raise ProtlmError(f"{config_path}: cannot read ({e})") from None
 
-    known = {f.name for f in dataclasses.fields(t5.T5Config)}
-    return t5.T5Config(**{k: v for k, v in model_config.items() if k in known})
+
+def _load_hf(path: str, mesh) -> Embedder:
+    """A Hugging Face directory: T5 (encoder only) or a BERT-family model with
+    the checkpoint's own vocabulary (``vocab.txt`` / ``spiece.model``)."""
+    model_type = _hf_model_type(path)
+    if model_type == "t5":
+        from protlm_jax import hf_t5
+
+        config, params = hf_t5.load_pretrained(path, mesh=mesh, encoder_only=True)
+        return Embedder("t5", config, params, None, mesh)
+    if model_type in ("bert", "albert", "electra"):
+        from protlm_jax import hf_bert
+
+        imported = hf_bert.load_pretrained(path)
+        return Embedder(None, imported.config, imported.params, imported.vocabulary, mesh)
+    raise ProtlmError(f"{path}/config.json: model_type {model_type!r} is not supported "
+                      "(t5, bert, albert, electra)")
 
 
 def load_model(path: str, step: Optional[int] = None, *, mesh=None) -> Embedder:
     """An :class:`Embedder` for a training ``MODEL_DIR`` or a Hugging Face dir.
 
     A ``MODEL_DIR`` gives its latest complete checkpoint (or ``step``); only
-    the token embedding and encoder are read from it (an orbax partial
-    restore: no optimizer state, no decoder), straight into the shardings of
-    ``mesh``. The model config comes from the checkpoint's metadata. A
-    directory with ``config.json`` is read as a Hugging Face checkpoint.
+    what the encoder needs is read from it (an orbax partial restore: no
+    optimizer state, no decoder or heads), straight into the shardings of
+    ``mesh``. The model config (any family) comes from the checkpoint's
+    metadata, and so does an imported checkpoint's own vocabulary. A
+    directory with ``config.json`` is read as a Hugging Face checkpoint
+    (``model_type`` t5, bert, albert or electra).
 
     Args:
       path: the directory.
@@ -350,57 +489,30 @@ def load_model(path: str, step: Optional[int] = None, *, mesh=None) -> Embedder:
     Raises:
       ProtlmError: no such directory, no complete checkpoint, unknown step.
     """
-    import orbax.checkpoint as ocp
-
-    from protlm_jax import partitioning
-    from protlm_jax.models import t5
-    from protlm_jax.vocabularies import ProtT5Vocabulary
+    from protlm_jax import checkpoints, partitioning
+    from protlm_jax.models import family_of
+    from protlm_jax.vocabularies import VocabTxtVocabulary
 
     if not os.path.isdir(path):
         raise ProtlmError(f"{path}: no such model directory")
     if os.path.isfile(os.path.join(path, "config.json")):
-        from protlm_jax import hf_t5
-
         if step is not None:
             raise ProtlmError(f"{path}: --step applies to training MODEL_DIRs, "
                               "not Hugging Face directories")
-        if not hasattr(hf_t5, "load_pretrained"):
-            raise ProtlmError(f"{path}: Hugging Face directories need "
-                              "protlm_jax.hf_t5.load_pretrained")
-        config, params = hf_t5.load_pretrained(path, mesh=mesh, encoder_only=True)
-        return Embedder("t5", config, params, ProtT5Vocabulary(), mesh)
-    directory = os.path.join(os.path.abspath(path), "checkpoints")
-    if not os.path.isdir(directory):
+        return _load_hf(path, mesh)
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
         raise ProtlmError(f"{path}: neither a training MODEL_DIR (no checkpoints/) nor a "
                           "Hugging Face directory (no config.json)")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False))
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise ProtlmError(f"{directory}: no complete checkpoint")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ProtlmError(f"{directory}: no checkpoint for step {step} (have {steps})")
-    meta = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-    meta = dict(meta["metadata"])
-    if "model_config" not in meta:
-        raise ProtlmError(f"{directory}/{step}: checkpoint metadata has no model_config")
-    config = _t5_config_from_metadata(meta["model_config"])
     mesh = mesh if mesh is not None else partitioning.create_mesh(1)
-    rules = partitioning.standard_logical_axis_rules("1d")
-    with partitioning.axis_rules(mesh, rules):
-        shardings, abstract = partitioning.param_shardings(
-            t5.abstract_params(config, encoder_only=True), mesh, rules)
-    target = {"params": jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)}
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s),
-                                {"params": shardings})
-    state_dir = os.path.join(directory, str(step), "state")
-    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
-    manager.close()
-    embedder = Embedder("t5", config, restored["params"], ProtT5Vocabulary(), mesh)
+    # Only what an encoder pass needs: T5's token embedding and encoder; the
+    # BERT family's embeddings, projection and encoder; ELECTRA's
+    # discriminator (no heads, no decoder, no generator, no optimizer state).
+    config, params, meta, step = checkpoints.read_params(
+        path, step, encoder_only=True, mesh=mesh,
+        keep=("token_embedder", "encoder", "embeddings", "embedding_projection",
+              "discriminator"))
+    vocab = VocabTxtVocabulary(meta["vocabulary"]) if meta.get("vocabulary") else None
+    embedder = Embedder(family_of(config), config, params, vocab, mesh)
     embedder.step = step
     return embedder
 
