@@ -317,4 +317,4 @@ def test_protlm_embed_from_a_training_checkpoint(trained_model_dir, tmp_path, ca
                                f"{recs[1][0].split()[0]!r}: invalid characters"]
     rc, err = _cli(capsys, "--model", trained_model_dir, "--input", fasta_path,
                    "--output", tmp_path / "s.h5", "--step", "7", "--no_progress")
-    assert rc == 2 and len(err) == 1 and "no checkpoint for step 7" in err[0]
+    assert rc == 2 and len(err) == 1 and "no checkpoint of step 7" in err[0]
