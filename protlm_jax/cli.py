@@ -9,7 +9,9 @@
     protlm probe --task SPEC (--model DIR | --embeddings H5 | --baseline onehot) --output OUT
     protlm embed --model DIR --input X.fasta --output Y.h5 [--per_protein] [--layers -1 …]
     protlm export-hf --model DIR --output HF_DIR [--encoder_only] [--dtype float32|float16|bfloat16]
-    protlm import-hf --input HF_DIR --output DIR [--step N]
+                     [--max_shard_size 5GB] [--step N]      (T5, BERT, ALBERT, ELECTRA)
+    protlm import-hf --input HF_DIR --output DIR [--step N] [--model_parallel_size N]
+                     [--scan_layers] [--generator HF_DIR] [--vocab_pad_to_multiple N]
 
 Errors meant for the user (bad input, bad settings) print one line,
 ``protlm: error: FILE:LINE: reason``, and exit with status 2.
@@ -121,14 +123,19 @@ def _run_embed(args: argparse.Namespace) -> int:
 
 def _add_hf(sub) -> None:
     p = sub.add_parser(
-        "export-hf", help="MODEL_DIR checkpoint → Hugging Face T5 directory",
+        "export-hf", help="MODEL_DIR checkpoint → Hugging Face directory (T5, BERT, ALBERT, "
+        "ELECTRA)",
         description="Writes config.json, model.safetensors (sharded with an index above "
-        "--max_shard_size), the ProtT5 tokenizer files and a model card, loadable with "
-        "transformers' T5ForConditionalGeneration / T5EncoderModel and T5Tokenizer.")
+        "--max_shard_size), the tokenizer files and a model card. The family follows the "
+        "checkpoint: T5ForConditionalGeneration (T5Tokenizer); BertForMaskedLM / "
+        "AlbertForMaskedLM (BertTokenizer vocab.txt / AlbertTokenizer spiece.model); "
+        "ELECTRA as the discriminator (ElectraForPreTraining) in HF_DIR and the generator "
+        "(ElectraForMaskedLM) in HF_DIR/generator.")
     p.add_argument("--model", required=True, metavar="DIR", help="a protlm MODEL_DIR")
     p.add_argument("--output", required=True, metavar="HF_DIR", help="folder to write")
     p.add_argument("--encoder_only", action="store_true",
-                   help="write a T5EncoderModel (shared embedding + encoder)")
+                   help="write the model without heads: T5EncoderModel (shared embedding + "
+                   "encoder), BertModel, AlbertModel, or the discriminator's ElectraModel")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="weight dtype in the files (default float32)")
     p.add_argument("--step", type=int, default=None, metavar="N",
@@ -136,11 +143,14 @@ def _add_hf(sub) -> None:
     p.add_argument("--max_shard_size", default="5GB", metavar="SIZE",
                    help="split the weights into shards of at most SIZE (default 5GB)")
     p = sub.add_parser(
-        "import-hf", help="Hugging Face T5 directory → protlm MODEL_DIR",
-        description="Reads a T5ForConditionalGeneration or T5EncoderModel directory "
-        "(safetensors, sharded safetensors, or a .bin through torch.load(weights_only=True)) "
-        "tensor by tensor into the mesh and writes a params-only checkpoint usable by "
-        "protlm embed, protlm eval and fine-tuning.")
+        "import-hf", help="Hugging Face directory (T5, BERT, ALBERT, ELECTRA) → protlm "
+        "MODEL_DIR",
+        description="Reads a T5ForConditionalGeneration / T5EncoderModel, BertForMaskedLM / "
+        "BertModel, AlbertForMaskedLM / AlbertModel or ElectraForPreTraining / ElectraModel "
+        "directory (config.json model_type decides; safetensors, sharded safetensors, or a "
+        ".bin through torch.load(weights_only=True)) tensor by tensor into the mesh and "
+        "writes a params-only checkpoint usable by protlm embed, protlm eval and "
+        "fine-tuning. BERT-family checkpoints keep their own vocabulary.")
     p.add_argument("--input", required=True, metavar="HF_DIR", help="Hugging Face folder")
     p.add_argument("--output", required=True, metavar="DIR", help="MODEL_DIR to write")
     p.add_argument("--step", type=int, default=0, metavar="N",
@@ -148,7 +158,13 @@ def _add_hf(sub) -> None:
     p.add_argument("--model_parallel_size", type=int, default=1, metavar="N",
                    help="shard the weights over N devices while importing (default 1)")
     p.add_argument("--scan_layers", action="store_true",
-                   help="store the layers stacked (T5Config.scan_layers)")
+                   help="store the layers stacked (the config's scan_layers)")
+    p.add_argument("--generator", default=None, metavar="HF_DIR",
+                   help="ELECTRA: the generator (ElectraForMaskedLM) to store with the "
+                   "discriminator --input (default: the discriminator alone)")
+    p.add_argument("--vocab_pad_to_multiple", type=int, default=None, metavar="N",
+                   help="BERT family: pad the vocabulary rows to a multiple of N (when "
+                   "--model_parallel_size does not divide them, or to match a gin config)")
 
 
 class _StderrHandler(logging.Handler):
@@ -160,12 +176,13 @@ class _StderrHandler(logging.Handler):
 
 def _run_hf(args: argparse.Namespace) -> int:
     # Skipped tensors are reported as warnings; show them as "protlm: warning: …".
-    hf_log = logging.getLogger("protlm_jax.hf_t5")
-    if not any(isinstance(h, _StderrHandler) for h in hf_log.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("protlm: warning: %(message)s"))
-        hf_log.addHandler(handler)
-        hf_log.propagate = False
+    for name in ("protlm_jax.hf_t5", "protlm_jax.hf_bert"):
+        hf_log = logging.getLogger(name)
+        if not any(isinstance(h, _StderrHandler) for h in hf_log.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("protlm: warning: %(message)s"))
+            hf_log.addHandler(handler)
+            hf_log.propagate = False
     if args.command == "export-hf":
         from protlm_jax import hf_export
 
@@ -180,8 +197,10 @@ def _run_hf(args: argparse.Namespace) -> int:
 
     summary = hf_import.import_hf(args.input, args.output, step=args.step,
                                   model_parallel_size=args.model_parallel_size,
-                                  scan_layers=args.scan_layers)
-    kind = "T5EncoderModel" if summary["encoder_only"] else "T5ForConditionalGeneration"
+                                  scan_layers=args.scan_layers, generator=args.generator,
+                                  vocab_pad_to_multiple=args.vocab_pad_to_multiple)
+    kind = summary.get("architecture") or (
+        "T5EncoderModel" if summary["encoder_only"] else "T5ForConditionalGeneration")
     print(f"protlm import-hf: {kind}, {summary['parameters']:,} parameters, skipped "
           f"{len(summary['skipped_tensors'])} tensors → {args.output} (step {summary['step']})",
           file=sys.stderr)

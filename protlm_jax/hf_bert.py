@@ -19,9 +19,15 @@ on export they are left out and transformers ties them again.
 
 Directories are read from ``config.json`` plus ``model.safetensors`` (sharded
 with ``model.safetensors.index.json``) or ``pytorch_model.bin`` (read only
-with ``torch.load(weights_only=True)``, never unpickled). Exports write
-``config.json``, ``model.safetensors`` and the tokenizer: ``vocab.txt`` with
-``do_lower_case=False`` (BERT, ELECTRA) or an ALBERT ``spiece.model``.
+with ``torch.load(weights_only=True)``, never unpickled) through
+``hf_t5.CheckpointReader``: :func:`check_tensors` checks names and shapes
+first, :func:`assemble_params` then reads tensor by tensor, straight into the
+parameters' shardings on a mesh (``protlm import-hf``). Unknown tensors inside
+the network are errors; heads we do not model (pooler, NSP/SOP, task heads)
+are listed in a warning and skipped. Exports write ``config.json``,
+``model.safetensors`` (shards + index above a size; ``hf_export``) and the
+tokenizer: ``vocab.txt`` with ``do_lower_case=False`` (BERT, ELECTRA) or an
+ALBERT ``spiece.model``.
 
 ProtAlbert's SentencePiece model has 34 ids whose order REFERENCE marks
 UNVERIFIED. The one written here (:func:`albert_pieces`) is: 0 ``<pad>``,
@@ -38,10 +44,12 @@ K head size, F intermediate, N layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -52,6 +60,8 @@ from protlm_jax.models import bert, electra
 from protlm_jax.models.bert import BertConfig
 from protlm_jax.models.electra import ElectraConfig
 from protlm_jax.vocabularies import PROTBERT_RESIDUES, VocabTxtVocabulary
+
+log = logging.getLogger(__name__)
 
 Rule = Tuple[str, str, str]
 
@@ -164,9 +174,14 @@ def key_table(family: str, tower: str = "") -> Tuple[Rule, ...]:
     raise ValueError(f"unknown family {family!r}")
 
 
-# Keys we read past: poolers and pretraining heads we do not model, buffers.
-_IGNORED = (r"pooler\..*", r"cls\.seq_relationship\..*", r"sop_classifier\..*",
-            r".*position_ids", r".*token_type_ids")
+# Buffers, not parameters: read past silently.
+_BUFFERS = (r".*position_ids", r".*token_type_ids")
+# Heads we do not model (pooler, next-sentence / sentence-order heads): listed
+# in a warning and skipped, like any unknown tensor outside the network.
+_HEADS_NOT_MODELLED = (r"pooler\..*", r"cls\.seq_relationship\..*", r"sop_classifier\..*")
+# Unknown tensors under these are inside the network: ignoring one would change
+# the hidden states, so it is an error.
+_BODY = ("embeddings.", "embeddings_project.", "encoder.")
 # Tied to the word embeddings (weights) or to the head bias (decoder biases).
 _TIED = {
     "bert": (r"cls\.predictions\.decoder\.weight", r"cls\.predictions\.decoder\.bias"),
@@ -256,15 +271,28 @@ def _tower_config(config: Union[BertConfig, ElectraConfig], tower: str) -> BertC
     return config
 
 
+def _path_config(config: Union[BertConfig, ElectraConfig], path: str) -> BertConfig:
+    """The tower config a param path belongs to (shared embeddings: the discriminator's)."""
+    if isinstance(config, ElectraConfig) and path.startswith("generator"):
+        return config.generator
+    return _tower_config(config, "discriminator")
+
+
+def _abstract_params(config: Union[BertConfig, ElectraConfig]) -> Any:
+    if isinstance(config, ElectraConfig):
+        return electra.abstract_params(config)
+    return bert.abstract_params(config)
+
+
+@functools.lru_cache(maxsize=16)
 def _expected_shapes(config: Union[BertConfig, ElectraConfig]) -> Dict[str, Tuple[int, ...]]:
     """Flat path -> shape of our params, unscanned (traced with eval_shape)."""
     if isinstance(config, ElectraConfig):
         unscanned = ElectraConfig(discriminator=config.discriminator.replace(scan_layers=False),
                                   generator=config.generator.replace(scan_layers=False))
-        abstract = electra.abstract_params(unscanned)
     else:
-        abstract = bert.abstract_params(config.replace(scan_layers=False))
-    return {k: tuple(v.shape) for k, v in _flat(nn.meta.unbox(abstract)).items()}
+        unscanned = config.replace(scan_layers=False)
+    return {k: tuple(v.shape) for k, v in _flat(nn.meta.unbox(_abstract_params(unscanned))).items()}
 
 
 def _scan_towers(config: Union[BertConfig, ElectraConfig]) -> List[Tuple[str, BertConfig]]:
@@ -274,150 +302,300 @@ def _scan_towers(config: Union[BertConfig, ElectraConfig]) -> List[Tuple[str, Be
     return [("", config)]
 
 
-def _stack(flat: Dict[str, np.ndarray], config) -> Dict[str, np.ndarray]:
-    """Unscanned ``encoder/layers_{i}/X`` -> ``encoder/layers/X`` [N, ...] where scanned."""
+def _scanned_path(path: str, config: Union[BertConfig, ElectraConfig]
+                  ) -> Tuple[str, Optional[int]]:
+    """Unscanned path -> (path of the params leaf, layer index within it or None).
+
+    Scanned BERT/ELECTRA layers ``encoder/layers_{i}/X`` live in
+    ``encoder/layers/X`` [N, ...]; a scanned shared ALBERT group keeps its paths.
+    """
     for prefix, cfg in _scan_towers(config):
-        if not cfg.scan_layers or cfg.family == "albert":
-            continue
-        head = f"{prefix}encoder/layers_"
-        names = sorted({k[len(head):].split("/", 1)[1] for k in flat if k.startswith(head)})
-        if not names:
-            continue
-        for rest in names:
-            flat[f"{prefix}encoder/layers/{rest}"] = np.stack(
-                [flat.pop(f"{head}{i}/{rest}") for i in range(cfg.num_hidden_layers)])
-    return flat
+        if cfg.scan_layers and cfg.family != "albert":
+            m = re.fullmatch(re.escape(prefix) + r"encoder/layers_(\d+)/(.*)", path)
+            if m:
+                return f"{prefix}encoder/layers/{m[2]}", int(m[1])
+    return path, None
 
 
-def _unstack(flat: Dict[str, np.ndarray], config) -> Dict[str, np.ndarray]:
-    """Inverse of :func:`_stack`."""
-    for prefix, cfg in _scan_towers(config):
-        head = f"{prefix}encoder/layers/"
-        for key in [k for k in flat if k.startswith(head)]:
-            stacked = flat.pop(key)
-            for i in range(stacked.shape[0]):
-                flat[f"{prefix}encoder/layers_{i}/{key[len(head):]}"] = stacked[i]
-    return flat
+def _hf_shape(rule: str, ours: Sequence[int], cfg: BertConfig) -> Tuple[int, ...]:
+    """The HF shape of a tensor whose shape in our layout is ``ours`` (as ``_to_hf``)."""
+    ours = tuple(ours)
+    if rule == "T":
+        return ours[::-1]
+    if rule == "heads_in":  # [D, H, K] -> [H*K, D]
+        return (ours[1] * ours[2], ours[0])
+    if rule == "heads_bias":
+        return (ours[0] * ours[1],)
+    if rule == "heads_out":  # [H, K, D] -> [D, H*K]
+        return (ours[2], ours[0] * ours[1])
+    if rule in ("vocab_rows", "vocab_vec"):
+        return (cfg.vocab_size,) + ours[1:]
+    return ours
 
 
-# ------------------------------------------------------- state dict <-> us ---
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(re.fullmatch(p, name) for p in patterns)
 
-def params_from_state_dict(state_dict: Mapping[str, Any],
-                           config: Union[BertConfig, ElectraConfig], *, tower: str = "",
-                           where: str = "state dict", require_head: Optional[bool] = None
-                           ) -> Dict[str, Any]:
-    """Converts a Hugging Face state dict into our params pytree.
+
+# ------------------------------------------------- checkpoint -> our params ---
+
+# Where one parameter comes from: (reader, HF tensor name, transform).
+Source = Tuple[Any, str, str]
+
+
+class StateDictReader:
+    """``hf_t5.CheckpointReader``'s interface over an in-memory state dict."""
+    kind = "state dict"
+
+    def __init__(self, state_dict: Mapping[str, Any]):
+        self._state = state_dict
+
+    def keys(self) -> List[str]:
+        return list(self._state)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._state[name].shape)
+
+    def get(self, name: str) -> np.ndarray:
+        return _to_numpy(self._state[name])
+
+
+def check_tensors(reader: Any, config: Union[BertConfig, ElectraConfig], *, tower: str = "",
+                  where: str = "state dict", require_head: Optional[bool] = None
+                  ) -> Tuple[Dict[str, Source], List[str]]:
+    """Checks a checkpoint's tensors against our config by name and shape.
+
+    No weights are read except a tied decoder weight and the word embeddings
+    (compared for equality).
 
     Args:
-      state_dict: HF name -> array (torch tensors or numpy), with or without
-        the ``bert.``/``albert.``/``electra.`` prefix.
+      reader: ``hf_t5.CheckpointReader`` (a directory, tensor by tensor) or
+        :class:`StateDictReader`; names with or without the
+        ``bert.``/``albert.``/``electra.`` prefix.
       config: our config (``ElectraConfig`` for ELECTRA).
       tower: ELECTRA only: "discriminator" or "generator".
-      where: names the source in error messages (a file path).
+      where: names the source in error messages (a directory).
       require_head: whether the MLM / discriminator head must be complete;
         None: only if any head tensor is present (``*Model`` checkpoints have
-        none; the result then embeds but has no head).
+        none; the params then embed but have no head).
 
     Returns:
-      Nested dict of float32 numpy arrays (``{"params": ...}`` ready), holding
-      only the parts this checkpoint provides (for ELECTRA, one tower plus the
-      shared embeddings).
+      (our unscanned param path -> source, names of skipped tensors of heads
+      we do not model). Only the parts the checkpoint provides are there (for
+      ELECTRA one tower plus the shared embeddings).
 
     Raises:
-      ProtlmError: one line naming the tensor: unknown, missing, misshapen,
-        or a decoder not tied to the word embeddings.
+      ProtlmError: one line naming the tensor: unknown inside the network,
+        missing, misshapen, or a decoder not tied to the word embeddings.
     """
     cfg = _tower_config(config, tower or "discriminator")
     family = cfg.family
-    flat: Dict[str, np.ndarray] = {}
-    tied: Dict[str, np.ndarray] = {}
-    for name, value in state_dict.items():
+    found: Dict[str, Tuple[str, str]] = {}
+    tied: List[Tuple[str, str]] = []
+    skipped: List[str] = []
+    for name in reader.keys():
         local = name[len(_PREFIX[family]):] if name.startswith(_PREFIX[family]) else name
-        if any(re.fullmatch(p, local) for p in _IGNORED):
+        if _matches(local, _BUFFERS):
             continue
-        if any(re.fullmatch(p, local) for p in _TIED[family]):
-            tied[local] = _to_numpy(value)
+        if _matches(local, _HEADS_NOT_MODELLED):
+            skipped.append(name)
+            continue
+        if _matches(local, _TIED[family]):
+            tied.append((local, name))
             continue
         mapped = map_hf_name(name, family, tower)
         if mapped is None:
-            raise ProtlmError(f"{where}: unexpected tensor {name!r} for a Hugging Face "
-                              f"{family} {tower or 'model'}")
+            if local.startswith(_BODY):
+                raise ProtlmError(f"{where}: unexpected tensor {name!r} for a Hugging Face "
+                                  f"{family} {tower or 'model'}")
+            skipped.append(name)
+            continue
         path, rule = mapped
-        if path in flat:
+        if path in found:
             raise ProtlmError(f"{where}: two tensors map to {path} (second: {name!r})")
-        w = _to_numpy(value)
-        flat[path] = (w, rule, name)
+        found[path] = (name, rule)
 
     expected = _expected_shapes(config)
     if isinstance(config, ElectraConfig):
         other = "generator" if tower == "discriminator" else "discriminator"
         expected = {k: v for k, v in expected.items() if not k.startswith(other)}
     head_prefixes = ("mlm_head/", "discriminator_head/", "generator_head/")
-    has_head = any(p.startswith(head_prefixes) for p in flat)
+    bias_path = {"bert": "mlm_head/bias", "albert": "mlm_head/bias",
+                 "electra": "generator_head/bias"}[family]
+    for local, name in tied:  # the decoder bias stands in for a missing head bias
+        if local.endswith("decoder.bias") and bias_path not in found:
+            found[bias_path] = (name, "vocab_vec")
     if require_head is None:
-        require_head = has_head
-    out: Dict[str, np.ndarray] = {}
-    for path, (w, rule, name) in flat.items():
+        require_head = any(p.startswith(head_prefixes) for p in found)
+    for path, (name, rule) in found.items():
         if path not in expected:
             raise ProtlmError(f"{where}: tensor {name!r} has no place in this config "
                               f"(no parameter {path})")
-        want = expected[path]
-        # Compare in HF layout so the message speaks the checkpoint's language.
-        want_hf = _to_hf(rule, np.zeros(want, np.float32), _tower_config(config, tower or
-                                                                          "discriminator")).shape
-        if w.shape != want_hf:
-            raise ProtlmError(f"{where}: tensor {name!r} has shape {tuple(w.shape)}, "
-                              f"config.json implies {tuple(want_hf)}")
-        out[path] = _to_ours(rule, w, _tower_config(config, tower or "discriminator"))
-    missing = [p for p in expected if p not in out
+        # Compared in HF layout so the message speaks the checkpoint's language.
+        want_hf = _hf_shape(rule, expected[path], _path_config(config, path))
+        if tuple(reader.shape(name)) != want_hf:
+            raise ProtlmError(f"{where}: tensor {name!r} has shape {tuple(reader.shape(name))}, "
+                              f"config.json implies {want_hf}")
+    missing = [p for p in expected if p not in found
                and (require_head or not p.startswith(head_prefixes))]
     if missing:
         raise ProtlmError(f"{where}: missing tensor for {missing[0]}"
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    word = out.get("embeddings/word_embeddings/embedding")
-    for local, w in tied.items():
-        if local.endswith("weight") and word is not None and not np.array_equal(
-                w, word[:cfg.vocab_size]):
-            raise ProtlmError(f"{where}: {local} differs from the word embeddings; untied "
-                              f"MLM decoders are not supported")
-    bias_path = {"bert": "mlm_head/bias", "albert": "mlm_head/bias",
-                 "electra": "generator_head/bias"}[family]
-    for local, w in tied.items():
-        if local.endswith("decoder.bias") and bias_path not in out:
-            out[bias_path] = _to_ours("vocab_vec", w, cfg)
-    return _unflat(_stack(out, config))
+    word = found.get("embeddings/word_embeddings/embedding")
+    for local, name in tied:
+        if local.endswith("weight") and word is not None:
+            w, embedding = reader.get(name), reader.get(word[0])
+            if w.shape != embedding.shape or not np.array_equal(w, embedding):
+                raise ProtlmError(f"{where}: {local} differs from the word embeddings; "
+                                  f"untied MLM decoders are not supported")
+    return {path: (reader, name, rule) for path, (name, rule) in found.items()}, skipped
+
+
+def assemble_params(sources: Mapping[str, Source], config: Union[BertConfig, ElectraConfig], *,
+                    mesh: Optional[jax.sharding.Mesh] = None,
+                    rules: Optional[Sequence] = None) -> Dict[str, Any]:
+    """Builds our params leaf by leaf from checked sources (:func:`check_tensors`).
+
+    With a mesh each leaf goes straight into its ``NamedSharding``
+    (``jax.make_array_from_callback``: each device receives only its shard;
+    the host holds one parameter at a time, a whole layer stack when
+    scanned). Without one the leaves are float32 numpy arrays.
+
+    Args:
+      sources: our unscanned param path -> (reader, HF name, transform).
+      config: our config; ``scan_layers`` stacks the layers.
+      mesh: the ``(data, model)`` mesh, or None.
+      rules: logical axis rules (default: the "1d" rules).
+
+    Returns:
+      The nested params dict (only the parts ``sources`` holds).
+
+    Raises:
+      PartitioningError: a dimension the mesh's model axis does not divide.
+    """
+    groups: Dict[str, List[Tuple[Optional[int], Source]]] = {}
+    for path, source in sources.items():
+        leaf, layer = _scanned_path(path, config)
+        groups.setdefault(leaf, []).append((layer, source))
+    shardings: Dict[str, Any] = {}
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    if mesh is not None:
+        from protlm_jax import partitioning
+
+        rules = rules or partitioning.standard_logical_axis_rules("1d")
+        with partitioning.axis_rules(mesh, rules):
+            tree, abstract = partitioning.param_shardings(_abstract_params(config), mesh, rules)
+        shardings = _flat(tree)
+        shapes = {k: tuple(v.shape) for k, v in _flat(abstract).items()}
+    out: Dict[str, Any] = {}
+    for leaf, parts in groups.items():
+        parts.sort(key=lambda p: -1 if p[0] is None else p[0])
+        cfg = _path_config(config, leaf)
+        arrays = [_to_ours(rule, reader.get(name), cfg) for _, (reader, name, rule) in parts]
+        host = arrays[0] if parts[0][0] is None else np.stack(arrays)
+        del arrays
+        if mesh is None:
+            out[leaf] = host
+            continue
+        assert host.shape == shapes[leaf], (leaf, host.shape, shapes[leaf])
+        out[leaf] = jax.make_array_from_callback(host.shape, shardings[leaf],
+                                                 lambda index, host=host: host[index])
+    return _unflat(out)
+
+
+def params_from_state_dict(state_dict: Mapping[str, Any],
+                           config: Union[BertConfig, ElectraConfig], *, tower: str = "",
+                           where: str = "state dict", require_head: Optional[bool] = None
+                           ) -> Dict[str, Any]:
+    """Converts an in-memory Hugging Face state dict into our params pytree.
+
+    (Directories on disk go through :func:`load_pretrained`, tensor by tensor.)
+
+    Args:
+      state_dict: HF name -> array (torch tensors or numpy), with or without
+        the ``bert.``/``albert.``/``electra.`` prefix.
+      config, tower, where, require_head: as :func:`check_tensors`.
+
+    Returns:
+      Nested dict of float32 numpy arrays (``{"params": ...}`` ready), holding
+      only the parts this checkpoint provides.
+
+    Raises:
+      ProtlmError: as :func:`check_tensors`.
+    """
+    sources, skipped = check_tensors(StateDictReader(state_dict), config, tower=tower,
+                                     where=where, require_head=require_head)
+    if skipped:
+        log.warning("%s: skipped %d tensors of heads protlm does not model: %s", where,
+                    len(skipped), _listing(skipped))
+    return assemble_params(sources, config)
+
+
+def _listing(names: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+# ------------------------------------------------- our params -> checkpoint ---
+
+def _natural(name: str) -> List[Any]:
+    """Sort key putting ``layer.2`` before ``layer.10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def hf_tensors_from_params(params: Any, config: Union[BertConfig, ElectraConfig], *,
+                           tower: str = "", with_head: bool = True, prefixed: bool = True
+                           ) -> Iterator[Tuple[str, np.ndarray]]:
+    """Our params -> (HF name, float32 array in HF layout), one tensor at a time.
+
+    Tensors come in HF order (embeddings, layers by index, head); only one is
+    on the host at a time (a scanned stack is sliced layer by layer on its
+    device). Tied decoder weights are left out: transformers ties them again.
+
+    Args:
+      params: our params (numpy or jax arrays, possibly boxed), scanned or not
+        as ``config`` says; for ELECTRA the other tower's params are ignored.
+      config: their config.
+      tower: ELECTRA only: "discriminator" or "generator".
+      with_head: include the MLM / discriminator head (``*ForMaskedLM``,
+        ``ElectraForPreTraining``); else the ``*Model`` tensors alone.
+      prefixed: base-model tensors carry the ``bert.``/``albert.``/``electra.``
+        prefix (models with a head); ``*Model`` checkpoints have none.
+    """
+    cfg = _tower_config(config, tower or "discriminator")
+    family = cfg.family
+    flat = _flat(nn.meta.unbox(params))
+    plan = []  # (HF name, leaf path, layer index or None, transform)
+    for leaf_path in flat:
+        layers = [(leaf_path, None)]
+        m = re.fullmatch(r"(.*encoder/)layers/(.*)", leaf_path)
+        if m:  # scanned: one HF tensor per layer
+            layers = [(f"{m[1]}layers_{i}/{m[2]}", i) for i in range(flat[leaf_path].shape[0])]
+        for path, layer in layers:
+            hf = _hf_name(path, family, tower)
+            if hf is None:
+                continue  # the other ELECTRA tower's params
+            name, rule, is_head = hf
+            if is_head and not with_head:
+                continue
+            prefix = _PREFIX[family] if prefixed and not is_head else ""
+            plan.append((prefix + name, leaf_path, layer, rule))
+    for name, leaf_path, layer, rule in sorted(plan, key=lambda p: _natural(p[0])):
+        w = flat[leaf_path] if layer is None else flat[leaf_path][layer]
+        w = np.asarray(jax.device_get(w), np.float32)
+        yield name, np.ascontiguousarray(_to_hf(rule, w, _path_config(config, leaf_path)))
 
 
 def state_dict_from_params(params: Any, config: Union[BertConfig, ElectraConfig], *,
                            tower: str = "", with_head: bool = True) -> Dict[str, np.ndarray]:
     """Our params -> a Hugging Face state dict (``*ForMaskedLM`` / ``*ForPreTraining``).
 
-    Args:
-      params: our params (arrays, possibly sharded or boxed).
-      config: our config.
-      tower: ELECTRA only: "discriminator" or "generator".
-      with_head: include the MLM / discriminator head.
-
     Returns:
       HF name (with the base-model prefix) -> float32 numpy array; tied
-      decoder weights are left out.
+      decoder weights are left out. (:func:`hf_tensors_from_params` yields
+      them one at a time.)
     """
-    cfg = _tower_config(config, tower or "discriminator")
-    family = cfg.family
-    flat = {k: np.asarray(jax.device_get(v), np.float32)
-            for k, v in _flat(nn.meta.unbox(params)).items()}
-    flat = _unstack(flat, config)
-    out: Dict[str, np.ndarray] = {}
-    for path, w in flat.items():
-        hf = _hf_name(path, family, tower)
-        if hf is None:
-            continue  # the other ELECTRA tower's params
-        name, rule, is_head = hf
-        if is_head and not with_head:
-            continue
-        prefix = "" if is_head else _PREFIX[family]
-        out[prefix + name] = np.ascontiguousarray(_to_hf(rule, w, cfg))
-    return out
+    return dict(hf_tensors_from_params(params, config, tower=tower, with_head=with_head))
 
 
 def _hf_name(path: str, family: str, tower: str) -> Optional[Tuple[str, str, bool]]:
@@ -551,32 +729,58 @@ def protbert_vocab_tokens() -> List[str]:
     return list(PROTBERT_SPECIALS) + list(PROTBERT_RESIDUES)
 
 
-def albert_pieces() -> List[Tuple[str, int]]:
-    """(piece, sentencepiece type) of our 34-id ALBERT model (order: module docstring)."""
+def albert_pieces(tokens: Optional[Sequence[str]] = None) -> List[Tuple[str, int]]:
+    """(piece, sentencepiece type) of an ALBERT SentencePiece model.
+
+    Args:
+      tokens: a checkpoint's vocabulary in id order (``VocabTxtVocabulary.tokens``:
+        residues without their ``▁``); None: our 34-id model (order: module
+        docstring). Residues become ``▁X`` pieces, ``<unk>`` the unknown
+        piece, ``[MASK]`` user-defined, ``<unusedN>`` unused, other bracketed
+        names control pieces.
+    """
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     t = pb.ModelProto.SentencePiece
-    pieces = [("<pad>", t.CONTROL), ("<unk>", t.UNKNOWN), ("[CLS]", t.CONTROL),
-              ("[SEP]", t.CONTROL), ("[MASK]", t.USER_DEFINED)]
-    pieces += [("\u2581" + r, t.NORMAL) for r in PROTBERT_RESIDUES]
-    pieces += [("\u2581", t.NORMAL)] + [(f"<unused{i}>", t.UNUSED) for i in range(3)]
+    if tokens is None:
+        pieces = [("<pad>", t.CONTROL), ("<unk>", t.UNKNOWN), ("[CLS]", t.CONTROL),
+                  ("[SEP]", t.CONTROL), ("[MASK]", t.USER_DEFINED)]
+        pieces += [("\u2581" + r, t.NORMAL) for r in PROTBERT_RESIDUES]
+        pieces += [("\u2581", t.NORMAL)] + [(f"<unused{i}>", t.UNUSED) for i in range(3)]
+        return pieces
+    pieces = []
+    for token in tokens:
+        if len(token) == 1 and token != "\u2581":
+            pieces.append(("\u2581" + token, t.NORMAL))
+        elif token == "<unk>":
+            pieces.append((token, t.UNKNOWN))
+        elif token == "[MASK]":
+            pieces.append((token, t.USER_DEFINED))
+        elif re.fullmatch(r"<unused\d+>", token):
+            pieces.append((token, t.UNUSED))
+        elif re.fullmatch(r"<.*>|\[.*\]", token):
+            pieces.append((token, t.CONTROL))
+        else:
+            pieces.append((token, t.NORMAL))
     return pieces
 
 
-def write_albert_spiece(path: str) -> None:
-    """Writes the ALBERT SentencePiece model (unigram, no lower-casing)."""
+def write_albert_spiece(path: str, tokens: Optional[Sequence[str]] = None) -> None:
+    """Writes the ALBERT SentencePiece model (unigram, no lower-casing);
+    ``tokens`` as :func:`albert_pieces`."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
+    pieces = albert_pieces(tokens)
     model = pb.ModelProto()
     model.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
-    model.trainer_spec.vocab_size = 34
+    model.trainer_spec.vocab_size = len(pieces)
     model.trainer_spec.pad_id, model.trainer_spec.unk_id = 0, 1
     model.trainer_spec.bos_id, model.trainer_spec.eos_id = -1, -1
     model.normalizer_spec.name = "identity"
     model.normalizer_spec.add_dummy_prefix = True
     model.normalizer_spec.remove_extra_whitespaces = True
     model.normalizer_spec.escape_whitespaces = True
-    for piece, kind in albert_pieces():
+    for piece, kind in pieces:
         sp = model.pieces.add()
         sp.piece, sp.type = piece, kind
         sp.score = -10.0 if piece == "\u2581" else 0.0
@@ -590,10 +794,25 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def write_tokenizer(directory: str, family: str, max_length: int) -> None:
-    """Tokenizer files: ``vocab.txt`` (BERT, ELECTRA) or ``spiece.model`` (ALBERT)."""
+def tokenizer_files(family: str) -> List[str]:
+    """The files :func:`write_tokenizer` writes for ``family``."""
+    return [("spiece.model" if family == "albert" else "vocab.txt"), "tokenizer_config.json",
+            "special_tokens_map.json"]
+
+
+def write_tokenizer(directory: str, family: str, max_length: int,
+                    tokens: Optional[Sequence[str]] = None) -> None:
+    """Tokenizer files: ``vocab.txt`` (BERT, ELECTRA) or ``spiece.model`` (ALBERT).
+
+    Args:
+      directory: where to write.
+      family: "bert", "albert" or "electra".
+      max_length: ``model_max_length`` (the position table's size).
+      tokens: the vocabulary in id order (an imported checkpoint's own,
+        ``VocabTxtVocabulary.tokens``); None: ProtBert's / our ALBERT pieces.
+    """
     if family == "albert":
-        write_albert_spiece(os.path.join(directory, "spiece.model"))
+        write_albert_spiece(os.path.join(directory, "spiece.model"), tokens)
         _write_json(os.path.join(directory, "tokenizer_config.json"), {
             "tokenizer_class": "AlbertTokenizer", "do_lower_case": False,
             "keep_accents": True, "remove_space": True, "model_max_length": max_length,
@@ -605,7 +824,7 @@ def write_tokenizer(directory: str, family: str, max_length: int) -> None:
                     "eos_token": "[SEP]"}
     else:
         with open(os.path.join(directory, "vocab.txt"), "w") as f:
-            f.write("\n".join(protbert_vocab_tokens()) + "\n")
+            f.write("\n".join(tokens or protbert_vocab_tokens()) + "\n")
         tokenizer_class = "ElectraTokenizer" if family == "electra" else "BertTokenizer"
         _write_json(os.path.join(directory, "tokenizer_config.json"), {
             "tokenizer_class": tokenizer_class, "do_lower_case": False,
@@ -618,59 +837,113 @@ def write_tokenizer(directory: str, family: str, max_length: int) -> None:
 
 # -------------------------------------------------------------- export ---
 
+def architecture(config: Union[BertConfig, ElectraConfig], tower: str = "discriminator",
+                 with_head: bool = True) -> str:
+    """The transformers class a tower exports as (``*ForMaskedLM``, ``*Model``, ...)."""
+    cfg = _tower_config(config, tower)
+    if not with_head:
+        return _ARCHITECTURES[cfg.family][1] if cfg.family != "electra" else "ElectraModel"
+    if cfg.family == "electra":
+        return "ElectraForPreTraining" if tower == "discriminator" else "ElectraForMaskedLM"
+    return _ARCHITECTURES[cfg.family][0]
+
+
+def write_pretrained(params: Any, config: Union[BertConfig, ElectraConfig], directory: str, *,
+                     tower: str = "discriminator", with_head: bool = True,
+                     dtype: str = "float32", max_shard_size: Optional[int] = None,
+                     vocabulary: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Writes one Hugging Face model directory; see :func:`save_pretrained`.
+
+    Args:
+      params, config, tower, with_head: as :func:`save_pretrained`.
+      directory: created; weight files of an earlier export there are removed.
+      dtype: weight dtype in the files ("float32", "float16", "bfloat16").
+      max_shard_size: bytes per safetensors shard before splitting into
+        ``model-0000i-of-0000N.safetensors`` + index (default 5 GB).
+      vocabulary: the tokenizer's tokens in id order (an imported checkpoint's
+        own); None: ProtBert's / our ALBERT pieces.
+
+    Returns:
+      ``{"architecture", "files", "parameters"}`` (parameters: values written).
+    """
+    from protlm_jax import hf_export
+
+    cfg = _tower_config(config, tower)
+    arch = architecture(config, tower, with_head)
+    counted = {"parameters": 0}
+
+    def counting(tensors):
+        for name, w in tensors:
+            counted["parameters"] += w.size
+            yield name, w
+
+    os.makedirs(directory, exist_ok=True)
+    hf_export._remove_stale_weights(directory)
+    tensors = hf_tensors_from_params(params, config, with_head=with_head, prefixed=with_head,
+                                     tower=tower if cfg.family == "electra" else "")
+    files = hf_export.write_safetensors(
+        counting(tensors), directory, dtype=dtype,
+        max_shard_size=max_shard_size or hf_export.DEFAULT_MAX_SHARD_SIZE)
+    _write_json(os.path.join(directory, "config.json"),
+                dict(hf_config_dict(cfg, arch), torch_dtype=dtype))
+    write_tokenizer(directory, cfg.family, cfg.max_position_embeddings, vocabulary)
+    files += ["config.json", *tokenizer_files(cfg.family)]
+    return {"architecture": arch, "files": files, "parameters": counted["parameters"]}
+
+
 def save_pretrained(params: Any, config: Union[BertConfig, ElectraConfig], directory: str, *,
-                    tower: str = "discriminator", with_head: bool = True) -> str:
-    """Writes a Hugging Face directory: config.json, model.safetensors, tokenizer.
+                    tower: str = "discriminator", with_head: bool = True,
+                    dtype: str = "float32", max_shard_size: Optional[int] = None) -> str:
+    """Writes a Hugging Face directory: config.json, safetensors, tokenizer.
 
     BERT/ALBERT export as ``*ForMaskedLM`` (``*Model`` without the head when
     ``with_head`` is False). For ELECTRA, ``tower`` picks the
     ``ElectraForPreTraining`` discriminator or the ``ElectraForMaskedLM``
-    generator (each gets a copy of the shared embeddings); see
-    :func:`save_electra` for both.
+    generator (each gets a copy of the shared embeddings; ``ElectraModel``
+    without the head); see :func:`save_electra` for both. Weights go out one
+    tensor at a time (``hf_export.write_safetensors``: sharded above
+    ``max_shard_size``).
 
     Returns:
       ``directory``.
     """
-    from safetensors.numpy import save_file
-
-    cfg = _tower_config(config, tower)
-    if cfg.family == "electra":
-        arch = "ElectraForPreTraining" if tower == "discriminator" else "ElectraForMaskedLM"
-        if not with_head:
-            arch = "ElectraModel"
-    else:
-        arch = _ARCHITECTURES[cfg.family][0 if with_head else 1]
-    tensors = state_dict_from_params(params, config, tower=tower if cfg.family == "electra"
-                                     else "", with_head=with_head)
-    if not with_head:
-        # *Model checkpoints carry no base-model prefix.
-        prefix = _PREFIX[cfg.family]
-        tensors = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in tensors.items()}
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    _write_json(os.path.join(directory, "config.json"), hf_config_dict(cfg, arch))
-    write_tokenizer(directory, cfg.family, cfg.max_position_embeddings)
+    write_pretrained(params, config, directory, tower=tower, with_head=with_head, dtype=dtype,
+                     max_shard_size=max_shard_size)
     return directory
 
 
-def save_electra(params: Any, config: ElectraConfig, directory: str) -> Tuple[str, str]:
-    """Both ELECTRA towers: ``directory/discriminator`` and ``directory/generator``."""
-    return (save_pretrained(params, config, os.path.join(directory, "discriminator"),
-                            tower="discriminator"),
-            save_pretrained(params, config, os.path.join(directory, "generator"),
-                            tower="generator"))
+def save_electra(params: Any, config: ElectraConfig, directory: str, *,
+                 dtype: str = "float32", max_shard_size: Optional[int] = None
+                 ) -> Tuple[str, str]:
+    """Both ELECTRA towers: the discriminator (``ElectraForPreTraining``) in
+    ``directory``, the generator (``ElectraForMaskedLM``) in ``directory/generator``.
+
+    Returns:
+      (discriminator directory, generator directory).
+    """
+    generator = os.path.join(directory, "generator")
+    for tower, where in (("discriminator", directory), ("generator", generator)):
+        save_pretrained(params, config, where, tower=tower, dtype=dtype,
+                        max_shard_size=max_shard_size)
+    return directory, generator
 
 
 # -------------------------------------------------------------- import ---
 
 @dataclasses.dataclass
 class ImportedModel:
-    """A Hugging Face checkpoint as our config, params and vocabulary."""
+    """A Hugging Face checkpoint as our config, params and vocabulary.
+
+    ``skipped`` names the tensors of heads we do not model; ``weights`` is the
+    file kind read ("safetensors" or "bin").
+    """
     config: Union[BertConfig, ElectraConfig]
     params: Dict[str, Any]
     vocabulary: VocabTxtVocabulary
     architecture: str
     has_head: bool
+    skipped: List[str] = dataclasses.field(default_factory=list)
+    weights: str = ""
 
     def module(self) -> nn.Module:
         """The Flax module to apply ``params`` with (see :attr:`encode_method`)."""
@@ -757,16 +1030,32 @@ def checkpoint_vocabulary(directory: str, family: str) -> VocabTxtVocabulary:
     return VocabTxtVocabulary(protbert_vocab_tokens())
 
 
+def _reader(directory: str) -> Any:
+    from protlm_jax.hf_t5 import CheckpointReader
+
+    return CheckpointReader(directory)
+
+
 def load_pretrained(directory: str, *, generator_directory: Optional[str] = None,
+                    mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Sequence] = None,
                     **overrides) -> ImportedModel:
     """Imports a HF BERT/ALBERT/ELECTRA directory (``*ForMaskedLM``, ``*Model``,
     ``ElectraForPreTraining``; an ``ElectraForMaskedLM`` generator too).
+
+    Everything is checked from names and shapes first (one line on the first
+    problem); then tensors are read one at a time (``hf_t5.CheckpointReader``:
+    safetensors, sharded or not, memory-mapped; ``.bin`` only through
+    ``torch.load(weights_only=True)``) and, with a mesh, placed straight into
+    their shardings. Tensors of heads we do not model are listed in a warning
+    and skipped.
 
     Args:
       directory: the HF model directory. For ELECTRA, a discriminator
         (``ElectraForPreTraining`` / ``ElectraModel``) or, alone, a generator.
       generator_directory: ELECTRA: the generator to pair with the
         discriminator (their embeddings must be equal).
+      mesh: the ``(data, model)`` mesh to shard onto; None: numpy leaves.
+      rules: logical axis rules (default: the "1d" rules).
       **overrides: ``BertConfig`` fields to set (e.g. ``dtype``,
         ``scan_layers``, ``vocab_pad_to_multiple``).
 
@@ -778,34 +1067,49 @@ def load_pretrained(directory: str, *, generator_directory: Optional[str] = None
       ProtlmError: one line on unsupported configs and bad tensors.
     """
     hf = _read_config(directory)
-    where = os.path.join(directory, "config.json")
-    cfg = config_from_hf(hf, where).replace(**overrides)
+    cfg = config_from_hf(hf, os.path.join(directory, "config.json")).replace(**overrides)
     arch = (hf.get("architectures") or [_ARCHITECTURES[cfg.family][0]])[0]
-    weights_where = directory
-    state = read_state_dict(directory)
+    reader = _reader(directory)
     vocabulary = checkpoint_vocabulary(directory, cfg.family)
     if cfg.family != "electra":
-        params = params_from_state_dict(state, cfg, where=weights_where)
-        return ImportedModel(cfg, params, vocabulary, arch, "mlm_head" in params)
-    tower = "generator" if arch == "ElectraForMaskedLM" else "discriminator"
-    if generator_directory is None:
+        if generator_directory is not None:
+            raise ProtlmError(f"{generator_directory}: a generator goes with an ELECTRA "
+                              f"discriminator, not with a {cfg.family} model")
+        config: Union[BertConfig, ElectraConfig] = cfg
+        sources, skipped = check_tensors(reader, cfg, where=directory)
+        has_head = any(p.startswith("mlm_head/") for p in sources)
+    elif generator_directory is None:
+        tower = "generator" if arch == "ElectraForMaskedLM" else "discriminator"
         config = ElectraConfig(discriminator=cfg, generator=cfg)
-        params = params_from_state_dict(state, config, tower=tower, where=weights_where)
-        has_head = f"{tower}_head" in params
-        return ImportedModel(config, params, vocabulary, arch, has_head)
-    gcfg = config_from_hf(_read_config(generator_directory),
-                          os.path.join(generator_directory, "config.json")).replace(**overrides)
-    try:
-        config = ElectraConfig(discriminator=cfg, generator=gcfg)
-    except ValueError as e:
-        raise ProtlmError(f"{generator_directory}: {e}") from None
-    params = params_from_state_dict(state, config, tower="discriminator", where=weights_where)
-    gparams = params_from_state_dict(read_state_dict(generator_directory), config,
-                                     tower="generator", where=generator_directory)
-    for k, v in _flat(gparams.pop("embeddings")).items():
-        if not np.array_equal(v, _flat(params["embeddings"])[k]):
-            raise ProtlmError(f"{generator_directory}: embeddings/{k} differs from the "
-                              "discriminator's; ELECTRA towers share their embeddings")
-    params.update(gparams)
-    return ImportedModel(config, params, vocabulary, arch,
-                         "discriminator_head" in params and "generator_head" in params)
+        sources, skipped = check_tensors(reader, config, tower=tower, where=directory)
+        has_head = any(p.startswith(f"{tower}_head/") for p in sources)
+    else:
+        if arch == "ElectraForMaskedLM":
+            raise ProtlmError(f"{directory}: an ElectraForMaskedLM (a generator); give the "
+                              f"discriminator as the model and this as the generator")
+        gcfg = config_from_hf(_read_config(generator_directory),
+                              os.path.join(generator_directory, "config.json")).replace(**overrides)
+        try:
+            config = ElectraConfig(discriminator=cfg, generator=gcfg)
+        except ValueError as e:
+            raise ProtlmError(f"{generator_directory}: {e}") from None
+        sources, skipped = check_tensors(reader, config, tower="discriminator", where=directory)
+        generator, gskipped = check_tensors(_reader(generator_directory), config,
+                                            tower="generator", where=generator_directory)
+        for path, (greader, gname, rule) in generator.items():
+            if not path.startswith("embeddings/"):
+                sources[path] = (greader, gname, rule)
+                continue
+            dreader, dname, _ = sources[path]
+            if not np.array_equal(greader.get(gname), dreader.get(dname)):
+                raise ProtlmError(f"{generator_directory}: {path} differs from the "
+                                  "discriminator's; ELECTRA towers share their embeddings")
+        skipped += gskipped
+        has_head = all(any(p.startswith(h) for p in sources)
+                       for h in ("discriminator_head/", "generator_head/"))
+    if skipped:
+        log.warning("%s: skipped %d tensors of heads protlm does not model: %s", directory,
+                    len(skipped), _listing(skipped))
+    params = assemble_params(sources, config, mesh=mesh, rules=rules)
+    return ImportedModel(config, params, vocabulary, arch, has_head, skipped=skipped,
+                         weights=reader.kind)

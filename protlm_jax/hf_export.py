@@ -1,6 +1,7 @@
-"""``protlm export-hf``: a protlm MODEL_DIR checkpoint → a Hugging Face T5 directory.
+"""``protlm export-hf``: a protlm MODEL_DIR checkpoint → a Hugging Face directory.
 
-Writes, into HF_DIR:
+The model family follows the checkpoint's ``model_config`` (T5, BERT, ALBERT,
+ELECTRA; ``models.family_of``). For T5, writes into HF_DIR:
 
 * ``config.json`` (``hf_t5.hf_config_dict``: transformers 4 and 5 read it the
   same way) and ``generation_config.json``;
@@ -19,11 +20,22 @@ one unscaled (T5 v1.1); an untied *scaled* head (ProtT5's own lm_head) is
 exported with d_model**-0.5 folded into ``lm_head.weight``, and a tied unscaled
 one with a copy of the embedding as ``lm_head.weight``, so the two
 ``config.json`` conventions agree.
+
+The BERT family (``hf_bert`` key tables, same safetensors writer and
+sharding): BERT/ALBERT as ``BertForMaskedLM`` / ``AlbertForMaskedLM``;
+ELECTRA as the discriminator (``ElectraForPreTraining``) in HF_DIR and the
+generator (``ElectraForMaskedLM``) in ``HF_DIR/generator`` (a checkpoint with
+one tower writes that tower into HF_DIR). ``encoder_only`` writes the
+``*Model`` without heads (ELECTRA: the discriminator's). The tokenizer is
+ProtBert's ``vocab.txt`` / our ALBERT ``spiece.model``, or an imported
+checkpoint's own vocabulary (its metadata's ``vocabulary``); the model card
+shows the ProtBert snippet.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -31,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from protlm_jax import hf_t5, hf_tokenizer
+from protlm_jax import hf_bert, hf_t5, hf_tokenizer
 from protlm_jax.errors import ProtlmError
 from protlm_jax.models.t5 import T5Config
 
@@ -67,6 +79,39 @@ def restore_params(model_dir: str, step: Optional[int] = None, *, encoder_only: 
         raise ProtlmError(f"{model_dir}: a {type(config).__name__} checkpoint, not T5")
     meta.setdefault("step", step)
     return config, params, meta
+
+
+def stored_collections(model_dir: str, step: Optional[int] = None) -> Optional[List[str]]:
+    """The top-level params an imported checkpoint holds, from its metadata's
+    ``param_collections`` (a ``BertModel`` import has no ``mlm_head``, a lone
+    ELECTRA discriminator no generator); None: all of its config's (training
+    checkpoints). Problems are left to ``checkpoints.read_params`` to report.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.join(os.path.abspath(model_dir) if "://" not in model_dir
+                             else model_dir, "checkpoints")
+    if "://" not in directory and not os.path.isdir(directory):
+        return None
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # read_params repeats orbax's read-only notices
+    try:
+        manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False))
+        try:
+            steps = sorted(manager.all_steps())
+            step = steps[-1] if step is None else step
+            meta = manager.restore(step, args=ocp.args.Composite(
+                metadata=ocp.args.JsonRestore()))["metadata"]
+        finally:
+            manager.close()
+    except Exception:  # no or unknown step, unreadable metadata: read_params says which
+        return None
+    finally:
+        absl_log.setLevel(level)
+    collections = meta.get("param_collections") if isinstance(meta, dict) else None
+    return list(collections) if collections else None
 
 
 # --------------------------------------------------------------- writing ---
@@ -215,13 +260,14 @@ The same embeddings in JAX: `protlm embed --model path/to/this/model ...`
 def export_hf(model_dir: str, output: str, *, encoder_only: bool = False,
               dtype: str = "float32", step: Optional[int] = None,
               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Dict[str, Any]:
-    """Exports a MODEL_DIR checkpoint as a Hugging Face T5 directory.
+    """Exports a MODEL_DIR checkpoint as a Hugging Face directory (any family).
 
     Args:
       model_dir: a protlm MODEL_DIR (trained or imported).
       output: the Hugging Face directory to write (created; our files in it
         are replaced).
-      encoder_only: write a ``T5EncoderModel``.
+      encoder_only: write a ``T5EncoderModel`` / ``BertModel`` /
+        ``AlbertModel`` / ``ElectraModel`` (no heads).
       dtype: weight dtype in the files ("float32", "float16", "bfloat16").
       step: checkpoint step (default: the latest).
       max_shard_size: bytes per safetensors shard before splitting.
@@ -229,9 +275,18 @@ def export_hf(model_dir: str, output: str, *, encoder_only: bool = False,
     Returns:
       A summary: files, step, parameter count, bytes.
     """
+    from protlm_jax.checkpoints import read_params
+    from protlm_jax.models import family_of
+
     if dtype not in DTYPES:
         raise ProtlmError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    config, params, meta = restore_params(model_dir, step, encoder_only=encoder_only)
+    config, params, meta, read_step = read_params(
+        model_dir, step, encoder_only=encoder_only, keep=stored_collections(model_dir, step))
+    meta.setdefault("step", read_step)
+    if family_of(config) != "t5":
+        return _export_bert_family(model_dir, output, config, params, meta,
+                                   encoder_only=encoder_only, dtype=dtype,
+                                   max_shard_size=max_shard_size)
     step = int(meta.get("step", step if step is not None else -1))
     if jax.process_index() != 0:
         return {"step": step}  # only process 0 writes
@@ -262,6 +317,147 @@ def export_hf(model_dir: str, output: str, *, encoder_only: bool = False,
     files.append("README.md")
     return {"output": output, "step": step, "files": files, "parameters": n,
             "encoder_only": encoder_only, "dtype": dtype}
+
+
+# ----------------------------------------------------------- BERT family ---
+
+_TITLES = {"bert": "ProtBert", "albert": "ProtAlbert", "electra": "ProtElectra"}
+# (tokenizer class, base model class) of the usage snippet.
+_SNIPPET_CLASSES = {"bert": ("BertTokenizer", "BertModel"),
+                    "albert": ("AlbertTokenizer", "AlbertModel"),
+                    "electra": ("ElectraTokenizer", "ElectraModel")}
+
+
+def _export_bert_family(model_dir: str, output: str, config: Any, params: Any,
+                        meta: Dict[str, Any], *, encoder_only: bool, dtype: str,
+                        max_shard_size: int) -> Dict[str, Any]:
+    """BERT / ALBERT / ELECTRA params -> HF directories (see the module docstring)."""
+    from protlm_jax.models import family_of
+
+    family = family_of(config)
+    step = int(meta["step"])
+    if family == "electra":
+        towers = [t for t in ("discriminator", "generator") if t in params]
+        heads = {t: f"{t}_head" for t in towers}
+    else:
+        towers, heads = [""], {"": "mlm_head"}
+    if encoder_only:
+        towers = towers[:1]
+    else:
+        headless = [t for t in towers if heads[t] not in params]
+        if headless:
+            kind = "ElectraModel" if family == "electra" else hf_bert.architecture(
+                config, with_head=False)
+            raise ProtlmError(f"{model_dir}: checkpoint has no {heads[headless[0]]} (imported "
+                              f"from a {kind}); export it with --encoder_only")
+    if jax.process_index() != 0:
+        return {"step": step}  # only process 0 writes
+    vocabulary = meta.get("vocabulary")
+    written, files = [], []
+    for i, tower in enumerate(towers):
+        where = output if i == 0 else os.path.join(output, "generator")
+        out = hf_bert.write_pretrained(params, config, where, tower=tower or "discriminator",
+                                       with_head=not encoder_only, dtype=dtype,
+                                       max_shard_size=max_shard_size, vocabulary=vocabulary)
+        written.append((os.path.relpath(where, output), tower, out))
+        files += [os.path.normpath(os.path.join(os.path.relpath(where, output), f))
+                  for f in out["files"]]
+    with open(os.path.join(output, "README.md"), "w", encoding="utf-8") as f:
+        f.write(bert_model_card(config, written, dtype=dtype, step=step,
+                                source=os.path.abspath(model_dir),
+                                vocab_size=len(vocabulary) if vocabulary else None))
+    files.append("README.md")
+    return {"output": output, "step": step, "files": files,
+            "parameters": written[0][2]["parameters"], "encoder_only": encoder_only,
+            "dtype": dtype, "architectures": {w: out["architecture"] for w, _, out in written}}
+
+
+def bert_model_card(config: Any, written: Sequence[Tuple[str, str, Dict[str, Any]]], *,
+                    dtype: str, step: int, source: str,
+                    vocab_size: Optional[int] = None) -> str:
+    """README.md of an exported BERT-family model, with the ProtBert usage snippet.
+
+    Args:
+      config: ``BertConfig`` or ``ElectraConfig``.
+      written: (folder relative to HF_DIR, ELECTRA tower or "", summary of
+        ``hf_bert.write_pretrained``) of each model directory written.
+      dtype, step, source: what the card states.
+      vocab_size: tokens of the checkpoint's own vocabulary, when it has one.
+    """
+    from protlm_jax.models import family_of
+
+    family = family_of(config)
+    title = _TITLES[family]
+    tokenizer_class, model_class = _SNIPPET_CLASSES[family]
+    rows = []
+    for folder, tower, out in written:
+        cfg = hf_bert._tower_config(config, tower or "discriminator")
+        name = f"{tower} " if tower else ""
+        where = "this folder" if folder == "." else f"`{folder}/`"
+        embedding = (f", embedding {cfg.emb_size}" if cfg.family != "bert" else "")
+        sharing = (f", {cfg.num_hidden_groups} shared layer group(s)"
+                   if cfg.family == "albert" else "")
+        rows.append(f"| {name}`{out['architecture']}` ({where}) | {cfg.num_hidden_layers} "
+                    f"layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
+                    f"intermediate {cfg.intermediate_size}{embedding}{sharing}, "
+                    f"{cfg.hidden_act}; {out['parameters']:,} parameters |")
+    cfg = hf_bert._tower_config(config, written[0][1] or "discriminator")
+    ids = ("0 `<pad>`, 1 `<unk>`, 2 `[CLS]`, 3 `[SEP]`, 4 `[MASK]`, 5–29 residues in "
+           "ProtBert's order" if family == "albert" else
+           "ProtBert ids: 0 `[PAD]`, 1 `[UNK]`, 2 `[CLS]`, 3 `[SEP]`, 4 `[MASK]`, 5–29 residues")
+    vocabulary = (f"{vocab_size} (the imported checkpoint's own tokenizer)" if vocab_size
+                  else f"{cfg.vocab_size} ({ids})")
+    objective = {"bert": "masked language modelling (15 % of residues; 80/10/10)",
+                 "albert": "masked language modelling (15 % of residues; 80/10/10)",
+                 "electra": "replaced-token detection by the discriminator on residues "
+                            "sampled from the masked-LM generator"}[family]
+    embeds_with = (" ProtTrans embeds with the discriminator." if family == "electra" else "")
+    article = {"bert": "A BERT", "albert": "An ALBERT", "electra": "An ELECTRA"}[family]
+    return f"""---
+library_name: transformers
+tags:
+- protein language model
+- {title}
+- protlm-jax
+---
+
+# {title} exported by protlm-jax
+
+{article} protein language model trained with protlm-jax (JAX/Flax) and exported with `protlm export-hf` from `{source}` (step {step}).
+
+| model | shape |
+|---|---|
+{chr(10).join(rows)}
+
+Maximum length {cfg.max_position_embeddings} tokens (learned absolute positions);
+vocabulary {vocabulary}; weights {dtype} safetensors. Pretraining objective:
+{objective}.{embeds_with}
+
+## Per-residue and per-protein embeddings (the ProtBert snippet)
+
+```python
+import re
+import torch
+from transformers import {model_class}, {tokenizer_class}
+
+tokenizer = {tokenizer_class}.from_pretrained("path/to/this/model", do_lower_case=False)
+model = {model_class}.from_pretrained("path/to/this/model").eval()
+
+sequences = ["PRTEINO", "SEQWENCE"]
+# one space between residues, rare residues U Z O B -> X
+sequences = [" ".join(re.sub(r"[UZOB]", "X", s)) for s in sequences]
+ids = tokenizer(sequences, add_special_tokens=True, padding="longest")
+input_ids = torch.tensor(ids["input_ids"])
+attention_mask = torch.tensor(ids["attention_mask"])
+with torch.no_grad():
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+emb_0 = out.last_hidden_state[0, 1:7 + 1]  # per residue: drop [CLS], [SEP] and padding ([1:L+1])
+emb_1 = out.last_hidden_state[1, 1:8 + 1]
+protein_0 = emb_0.mean(dim=0)  # per protein: mean over residues only
+```
+
+`protlm import-hf` turns this directory back into a protlm MODEL_DIR.
+"""
 
 
 def prottrans_embeddings(hf_dir: str, sequences: Sequence[str]) -> List[np.ndarray]:

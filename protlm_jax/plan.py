@@ -12,12 +12,16 @@ step is the ``Trainer.train_fn`` of the real trainer, lowered and compiled on
 * ``compiled.cost_analysis()``: FLOPs of the *partitioned* per-device program
   (``lowered.cost_analysis()`` is the global, unpartitioned program).
 
+Any model family plans (``models.build_model``: T5, BERT, ALBERT, ELECTRA);
+the objective defaults to the family's (encoder-decoder, MLM, ELECTRA).
+
 XLA's cost analysis counts the body of a ``while`` loop once, whatever its trip
 count, so a step with scanned layers (``scan_layers=True``) or gradient
 accumulation (``microbatches > 1``) would be undercounted by about the number
 of layers. The FLOPs are then measured on small unscanned probes of the same
-model (1-2 layers per stack, one microbatch of the same global batch) and
-extrapolated linearly in depth, which is exact for identical layers.
+model (1-2 layers per stack: T5's encoder and decoder, ELECTRA's discriminator
+and generator, one BERT/ALBERT stack; one microbatch of the same global batch)
+and extrapolated linearly in depth, which is exact for identical layers.
 
 On a CPU host, simulate a pod slice with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (``run`` sets it when
@@ -47,10 +51,59 @@ import numpy as np
 
 from protlm_jax import objectives, optimizers, partitioning, trainer
 from protlm_jax.errors import ProtlmError
-from protlm_jax.models import t5
+from protlm_jax.models import bert, build_model, electra, family_of, t5
 
-# The batch features ``T5.init`` takes, in order (as gin_config._build).
-_INIT_INPUTS = ("encoder_input_tokens", "decoder_input_tokens")
+ModelConfig = Any  # t5.T5Config, bert.BertConfig or electra.ElectraConfig
+
+
+# ------------------------------------------------------------ model family ---
+
+def _towers(config: ModelConfig) -> Sequence[Any]:
+    """The configs holding dtype / remat (ELECTRA: discriminator, generator)."""
+    if isinstance(config, electra.ElectraConfig):
+        return (config.discriminator, config.generator)
+    return (config,)
+
+
+def stack_depths(config: ModelConfig) -> tuple[int, ...]:
+    """Layers of each stack: T5 (encoder, decoder), ELECTRA (discriminator,
+    generator), BERT/ALBERT (layers,) (ALBERT counts applications of its
+    shared groups: the compute, not the parameters)."""
+    if isinstance(config, t5.T5Config):
+        return (config.num_encoder_layers, config.num_decoder_layers)
+    return tuple(c.num_hidden_layers for c in _towers(config))
+
+
+def with_stack_depths(config: ModelConfig, depths: Sequence[int]) -> ModelConfig:
+    """An unscanned copy of ``config`` with ``depths`` layers per stack (FLOP probes)."""
+    if isinstance(config, t5.T5Config):
+        return config.replace(scan_layers=False, num_encoder_layers=depths[0],
+                              num_decoder_layers=depths[1])
+
+    def one(cfg: bert.BertConfig, n: int) -> bert.BertConfig:
+        # Every ALBERT layer costs the same whichever group it uses: one group.
+        groups = 1 if cfg.family == "albert" else cfg.num_hidden_groups
+        return cfg.replace(scan_layers=False, num_hidden_layers=n, num_hidden_groups=groups)
+
+    if isinstance(config, electra.ElectraConfig):
+        return config.replace(discriminator=one(config.discriminator, depths[0]),
+                              generator=one(config.generator, depths[1]))
+    return one(config, depths[0])
+
+
+def _scanned(config: ModelConfig) -> bool:
+    return any(c.scan_layers for c in _towers(config))
+
+
+def default_objective(config: ModelConfig) -> Any:
+    """The pretraining loss of the family (T5: encoder-decoder; BERT/ALBERT: MLM)."""
+    from protlm_jax import objectives_ae
+
+    if isinstance(config, t5.T5Config):
+        return objectives.EncDecObjective()
+    if isinstance(config, electra.ElectraConfig):
+        return objectives_ae.ElectraObjective()
+    return objectives_ae.MLMObjective()
 
 
 # ------------------------------------------------------------ abstract state ---
@@ -116,13 +169,15 @@ def total_bytes(tree: Any) -> int:
 
 # ----------------------------------------------------------------- compile ---
 
-def _make_trainer(model_config: t5.T5Config, optimizer_config: optimizers.OptimizerConfig,
+def _make_trainer(model_config: ModelConfig, optimizer_config: optimizers.OptimizerConfig,
                   train_config: trainer.TrainConfig, model_feature_lengths: Mapping[str, int],
                   devices: Sequence[Any], objective: Any) -> trainer.Trainer:
+    # The module and its init features follow the config class, as in training.
+    model, init_inputs = build_model(model_config)
     return trainer.Trainer(
-        model=t5.T5(model_config), objective=objective, optimizer_config=optimizer_config,
+        model=model, objective=objective, optimizer_config=optimizer_config,
         config=train_config, model_feature_lengths=model_feature_lengths,
-        init_inputs=_INIT_INPUTS, devices=list(devices))
+        init_inputs=init_inputs, devices=list(devices))
 
 
 def _cost(analysis: Any) -> float:
@@ -151,9 +206,10 @@ def probe_flops(model_config, optimizer_config, train_config, lengths, devices,
                  objective) -> tuple[float, float, float]:
     """FLOPs (per device, global) of the step extrapolated from shallow probes.
 
-    Unscanned, one-microbatch copies with (1, 1), (2, 1) and (1, 2) encoder and
-    decoder layers give the cost outside the stacks and of one layer of each;
-    the step costs ``outside + N_enc·enc_layer + N_dec·dec_layer``. One
+    Unscanned, one-microbatch copies with one layer per stack, and with two in
+    one stack at a time (T5: (1, 1), (2, 1), (1, 2) encoder and decoder
+    layers; BERT: 1 and 2), give the cost outside the stacks and of one layer
+    of each; the step costs ``outside + Σ N_stack·layer_stack``. One
     microbatch of the full global batch does the work of M microbatches (only
     the gradient sums differ, a negligible number of FLOPs).
 
@@ -161,25 +217,25 @@ def probe_flops(model_config, optimizer_config, train_config, lengths, devices,
       ``(flops_per_device, flops_global, seconds spent compiling probes)``.
     """
     config = dataclasses.replace(train_config, microbatches=1)
+    depths = stack_depths(model_config)
+    base = (1,) * len(depths)
+    probes = [base] + [base[:i] + (2,) + base[i + 1:] for i in range(len(depths))]
     costs, seconds = {}, 0.0
-    for depth in ((1, 1), (2, 1), (1, 2)):
-        probe = model_config.replace(scan_layers=False, num_encoder_layers=depth[0],
-                                     num_decoder_layers=depth[1])
+    for depth in probes:
+        probe = with_stack_depths(model_config, depth)
         out = _compile_step(_make_trainer(probe, optimizer_config, config, lengths,
                                           devices, objective))
         costs[depth] = np.array([out["flops_per_device"], out["flops_global"]])
         seconds += out["compile_seconds"]
-    enc = costs[(2, 1)] - costs[(1, 1)]
-    dec = costs[(1, 2)] - costs[(1, 1)]
-    outside = costs[(1, 1)] - enc - dec
-    total = (outside + model_config.num_encoder_layers * enc
-             + model_config.num_decoder_layers * dec)
+    per_layer = [costs[p] - costs[base] for p in probes[1:]]
+    outside = costs[base] - sum(per_layer)
+    total = outside + sum(n * layer for n, layer in zip(depths, per_layer))
     return float(total[0]), float(total[1]), seconds
 
 
 # -------------------------------------------------------------------- plan ---
 
-def plan(model_config: t5.T5Config, optimizer_config: optimizers.OptimizerConfig,
+def plan(model_config: ModelConfig, optimizer_config: optimizers.OptimizerConfig,
          train_config: trainer.TrainConfig, model_feature_lengths: Mapping[str, int],
          mesh_shape: tuple[int, int], peak_flops_per_device: float,
          rule_set: str = "1d", *, assumed_mfu: float = 0.5,
@@ -188,7 +244,8 @@ def plan(model_config: t5.T5Config, optimizer_config: optimizers.OptimizerConfig
     """Compiles the train step abstractly and predicts memory, FLOPs and time.
 
     Args:
-      model_config: the T5 shape (dtype, scan_layers, remat_policy included).
+      model_config: the model shape, any family (``T5Config``, ``BertConfig``,
+        ``ElectraConfig``; dtype, scan_layers, remat_policy included).
       optimizer_config: the optimizer (its state is part of the memory).
       train_config: ``batch_size`` (global rows), ``microbatches``, ``seed``
         and ``train_steps`` are used; ``model_parallel_size`` and ``rule_set``
@@ -199,7 +256,7 @@ def plan(model_config: t5.T5Config, optimizer_config: optimizers.OptimizerConfig
       peak_flops_per_device: peak FLOP/s of one device (0: no time prediction).
       rule_set: logical-axis rules, "1d" or "2d".
       assumed_mfu: the FLOP utilisation assumed for the "expected" time.
-      objective: the loss (default ``objectives.EncDecObjective()``).
+      objective: the loss (default: the family's, ``default_objective``).
       target_data_parallelism: also report throughput and run time on a mesh
         with this many data shards (same model axis and batch per data shard).
       correct_loop_flops: measure FLOPs on unscanned probes when the step has
@@ -222,7 +279,7 @@ def plan(model_config: t5.T5Config, optimizer_config: optimizers.OptimizerConfig
             f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} (and "
             "JAX_PLATFORMS=cpu on a machine with fewer accelerators)")
     devices = devices[:needed]
-    objective = objective if objective is not None else objectives.EncDecObjective()
+    objective = objective if objective is not None else default_objective(model_config)
     config = dataclasses.replace(train_config, model_parallel_size=model, rule_set=rule_set)
     lengths = dict(model_feature_lengths)
     run = _make_trainer(model_config, optimizer_config, config, lengths, devices, objective)
@@ -236,7 +293,7 @@ def plan(model_config: t5.T5Config, optimizer_config: optimizers.OptimizerConfig
     mem["peak"] = (mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
                    + mem["generated_code"])
 
-    loops = model_config.scan_layers or config.microbatches > 1
+    loops = _scanned(model_config) or config.microbatches > 1
     flops_method, probe_seconds = "compiled", 0.0
     flops_device, flops_global = out["flops_per_device"], out["flops_global"]
     if loops and correct_loop_flops:
@@ -254,9 +311,10 @@ def plan(model_config: t5.T5Config, optimizer_config: optimizers.OptimizerConfig
         "mesh": {"data": data, "model": model},
         "devices": needed,
         "rule_set": rule_set,
-        "dtype": model_config.dtype,
-        "scan_layers": model_config.scan_layers,
-        "remat_policy": model_config.remat_policy,
+        "family": family_of(model_config),
+        "dtype": "/".join(sorted({c.dtype for c in _towers(model_config)})),
+        "scan_layers": _scanned(model_config),
+        "remat_policy": "/".join(sorted({c.remat_policy for c in _towers(model_config)})),
         "optimizer": optimizer_config.name,
         "batch_size": rows,
         "batch_per_data_shard": rows // data,
@@ -358,7 +416,8 @@ def format_plan(result: Mapping[str, Any]) -> str:
     rows = [
         ("mesh (data x model)", f"{mesh['data']} x {mesh['model']} = {r['devices']} "
                                 f"{r['platform']} devices, rules {r['rule_set']}"),
-        ("model", f"{r['total_params']:,} params, activations {r['dtype']}, "
+        ("model", f"{r.get('family', 't5')}: {r['total_params']:,} params, activations "
+                  f"{r['dtype']}, "
                   f"scan_layers={r['scan_layers']}, remat={r['remat_policy']}"),
         ("batch", f"{r['batch_size']:,} rows ({r['batch_per_data_shard']:,} per data shard, "
                   f"{r['microbatches']} microbatch(es)) x {r['sequence_length']} = "

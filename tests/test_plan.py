@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import seqio
 
-from protlm_jax import objectives, optimizers, plan, trainer
+from protlm_jax import objectives, objectives_ae, optimizers, plan, trainer
 from protlm_jax.errors import ProtlmError
-from protlm_jax.models import t5
+from protlm_jax.feature_converters import MLMFeatureConverter
+from protlm_jax.models import bert, electra, t5
 
 LENGTHS = seqio.EncDecFeatureConverter(pack=True).get_model_feature_lengths(
     {"inputs": 32, "targets": 32})
@@ -32,8 +33,8 @@ def _live_bytes():
     return sum(a.nbytes for a in jax.live_arrays())
 
 
-def _plan(mesh, batch_size=8, config=TINY, **kw):
-    return plan.plan(config, ADAFACTOR, _train_config(batch_size), LENGTHS, mesh, PEAK, **kw)
+def _plan(mesh, batch_size=8, config=TINY, lengths=LENGTHS, **kw):
+    return plan.plan(config, ADAFACTOR, _train_config(batch_size), lengths, mesh, PEAK, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +51,11 @@ def _abstract_params(config=TINY):
     return t5.abstract_params(config)
 
 
-def _expected_param_bytes(model_parallel):
+def _expected_param_bytes(model_parallel, boxed=None):
     """Per-device bytes by hand: a dimension named vocab/mlp/heads/joined_kv
     is split over the model axis (rules "1d"); everything else is replicated."""
     split_names = {"vocab", "mlp", "heads", "joined_kv"}
-    boxed = _abstract_params()
+    boxed = _abstract_params() if boxed is None else boxed
     specs = jax.tree.leaves(
         nn.get_partition_spec(boxed),
         is_leaf=lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec))
@@ -182,3 +183,61 @@ def test_cli_bad_mesh():
     data = dataclasses.make_dataclass("D", [("task", str), ("pack", bool)])
     with pytest.raises(ProtlmError, match="DATAxMODEL"):
         plan.run(args, (TINY, _train_config(), data("x", True)))
+
+
+MLM_LENGTHS = MLMFeatureConverter(pack=True).get_model_feature_lengths({"inputs": 32})
+
+
+@pytest.mark.parametrize("name", ["prot_bert_tiny", "prot_electra_tiny"])
+def test_bert_family_plans(name):
+    """BERT and ELECTRA plan through models.build_model with their own objective:
+    the parameters are the model's, split 4 ways by the same rules as T5's."""
+    if name.startswith("prot_electra"):
+        config, family = electra.preset(name), "electra"
+        boxed = electra.abstract_params(config)
+    else:
+        config, family = bert.preset(name), "bert"
+        boxed = bert.abstract_params(config)
+    result = _plan((2, 4), config=config, lengths=MLM_LENGTHS)
+    assert result["family"] == family
+    count = sum(x.size for x in jax.tree.leaves(nn.unbox(boxed)))
+    assert result["total_params"] == count and result["param_bytes_total"] == 4 * count
+    assert result["param_bytes"] == _expected_param_bytes(4, boxed)
+    # The feed-forward kernels really are split 4 ways: [D, F] -> [D, F/4].
+    towers = (config.discriminator, config.generator) if family == "electra" else (config,)
+    mlp = sum(2 * c.num_hidden_layers * c.hidden_size * c.intermediate_size * 4 for c in towers)
+    assert result["param_bytes_total"] - result["param_bytes"] >= mlp * 3 // 4
+    assert result["flops_per_device"] > 0 and result["flops_method"] == "compiled"
+    assert result["tokens_per_step"] == 8 * 32
+    assert f"{family}: {count:,} params" in plan.format_plan(result)
+    assert isinstance(plan.default_objective(config),
+                      objectives_ae.ElectraObjective if family == "electra"
+                      else objectives_ae.MLMObjective)
+
+
+def test_stack_depth_probes_per_family():
+    """The FLOP probes vary one stack at a time: T5 encoder/decoder, ELECTRA
+    discriminator/generator, one BERT/ALBERT stack (ALBERT as one shared group)."""
+    assert plan.stack_depths(TINY) == (TINY.num_encoder_layers, TINY.num_decoder_layers)
+    e = electra.preset("prot_electra_tiny")
+    probe = plan.with_stack_depths(e.replace(discriminator=e.discriminator.replace(
+        scan_layers=True)), (2, 1))
+    assert (probe.discriminator.num_hidden_layers, probe.generator.num_hidden_layers) == (2, 1)
+    assert not probe.discriminator.scan_layers
+    albert = bert.preset("prot_albert", num_hidden_groups=3, num_hidden_layers=12)
+    assert plan.stack_depths(albert) == (12,)
+    probe = plan.with_stack_depths(albert, (1,))
+    assert (probe.num_hidden_layers, probe.num_hidden_groups) == (1, 1)
+
+
+@pytest.mark.slow
+def test_scanned_albert_flops_are_extrapolated_from_probes():
+    # ALBERT's shared layer scanned (params broadcast) is a loop XLA counts once.
+    config = bert.preset("prot_albert_tiny")
+    scanned = _plan((2, 4), config=config.replace(scan_layers=True), lengths=MLM_LENGTHS)
+    unrolled = _plan((2, 4), config=config, lengths=MLM_LENGTHS)
+    assert scanned["flops_method"].startswith("depth-extrapolated")
+    assert scanned["flops_per_device_uncorrected"] < 0.75 * unrolled["flops_per_device"]
+    np.testing.assert_allclose(scanned["flops_per_device"], unrolled["flops_per_device"],
+                               rtol=1e-3)
+
