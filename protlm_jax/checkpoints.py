@@ -58,6 +58,13 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore()))
         return out["state"], dict(out["metadata"])
 
+    def restore_params(self, step: int, like: Any) -> tuple[Any, dict]:
+        """``like`` with the params (and step) of ``step``; the optimizer state
+        on disk is never read, so evaluation needs no optimizer settings."""
+        meta = dict(self._manager.restore(step, args=ocp.args.Composite(
+            metadata=ocp.args.JsonRestore()))["metadata"])
+        return self._restore_params_only(step, like, meta), meta
+
     def _restore_params_only(self, step: int, like: Any, meta: dict) -> Any:
         from protlm_jax.errors import ProtlmError
 
@@ -141,6 +148,8 @@ def read_params(model_dir: str, step: Optional[int] = None, *, encoder_only: boo
         abstract = abstract_params_of(config, encoder_only=encoder_only)
         if keep is not None:
             abstract = {k: v for k, v in abstract.items() if k in keep}
+        if meta.get("param_collections"):  # an import of part of a model (no head…)
+            abstract = {k: v for k, v in abstract.items() if k in meta["param_collections"]}
         with partitioning.axis_rules(mesh, rules):
             shardings, abstract = partitioning.param_shardings(abstract, mesh, rules)
         item = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -4,8 +4,10 @@ Stages (later issues add embedding, probes and export):
   1. prepare   ``data/sample/uniprot_sample.fasta.gz`` (2,000 real UniProtKB
                records) → TFRecord shards + stats.json with ``protlm prepare``;
   2. examples  decoded examples of each pretraining task read from those shards;
-  3. train     ProtT5-tiny with ``protlm train`` (gin experiment
-               ``prot_t5_tiny_demo``), then a restart that resumes from the
+  3. train     the tiny model of one family with ``protlm train`` (gin
+               experiment ``<model>_demo``: ProtT5 by default, ``--model``
+               prot_bert_tiny / prot_albert_tiny / prot_electra_tiny for the
+               auto-encoders), then a restart that resumes from the
                checkpoint, then the masked-residue loss on held-out proteins
                against the unigram entropy of the residues;
   4. probes    embeds subsets of the probe sets with the demo model, fits the
@@ -13,10 +15,12 @@ Stages (later issues add embedding, probes and export):
                membrane FNN (Q13/Q2, SCL2205 test) beside the one-hot /
                composition baseline, prints the tables (``stage_probes``);
   5. export    ``protlm export-hf`` of the demo model, the ProtTrans snippet
-               in transformers on held-out proteins, and its largest difference
-               from ``protlm embed`` (``stage_export``).
+               (ProtT5's, or ProtBert's for the auto-encoders) in transformers
+               on held-out proteins, and its largest difference from
+               ``protlm embed`` (``stage_export``).
 
-Run as ``python -m protlm_jax.demo --workdir DIR``.
+Run as ``python -m protlm_jax.demo --workdir DIR [--model prot_bert_tiny]``
+(``make demo DEMO_MODEL=prot_bert_tiny``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ SAMPLE = pathlib.Path(__file__).resolve().parents[1] / "data" / "sample" / \
     "uniprot_sample.fasta.gz"
 CORPUS = "uniprot_sample"
 TASKS = ("prott5", "t5_span_corruption", "mlm")
+# Demo models: (display name, pretraining task, held-out eval feature lengths).
+MODELS = {
+    "prot_t5_tiny": ("ProtT5-tiny", "prott5", {"inputs": 512, "targets": 512}),
+    "prot_bert_tiny": ("ProtBert-tiny", "mlm", {"inputs": 512}),
+    "prot_albert_tiny": ("ProtAlbert-tiny", "mlm", {"inputs": 512}),
+    "prot_electra_tiny": ("ProtElectra-tiny", "mlm", {"inputs": 512}),
+}
 
 
 def _banner(text: str) -> None:
@@ -87,15 +98,21 @@ def unigram_entropy(data_dir: pathlib.Path) -> float:
     return -sum(c / total * math.log(c / total) for c in counts.values())
 
 
-def stage_train(workdir: pathlib.Path, data_dir: pathlib.Path, steps: int) -> None:
-    """Trains, restarts (resuming), evaluates against the unigram entropy."""
+def stage_train(workdir: pathlib.Path, data_dir: pathlib.Path, steps: int,
+                model: str = "prot_t5_tiny") -> pathlib.Path:
+    """Trains, restarts (resuming), evaluates against the unigram entropy.
+
+    Returns:
+      The MODEL_DIR.
+    """
     from protlm_jax import cli
 
     import shutil
 
-    model_dir = workdir / "prot_t5_tiny"
+    _, objective, eval_lengths = MODELS[model]
+    model_dir = workdir / model
     shutil.rmtree(model_dir, ignore_errors=True)  # each demo trains from scratch
-    common = ["--gin_file=gin/experiments/prot_t5_tiny_demo.gin",
+    common = [f"--gin_file=gin/experiments/{model}_demo.gin",
               f"--gin.MODEL_DIR={model_dir}", f"--gin.DATA_DIR={data_dir}"]
     _banner(f"3. protlm train {' '.join(common)} --gin.TRAIN_STEPS={steps}")
     if cli.main(["train", *common, f"--gin.TRAIN_STEPS={steps}"]):
@@ -110,17 +127,17 @@ def stage_train(workdir: pathlib.Path, data_dir: pathlib.Path, steps: int) -> No
     # of what a few minutes of training can learn, and it needs the context.
     # A finite pass keeps every protein: the last batch is padded with
     # zero-weight rows (batch 24 splits over 8 simulated devices).
-    eval_lengths = "{'inputs': 512, 'targets': 512}"
+    eval_lengths = repr(eval_lengths)
     _banner(f"3c. protlm eval on held-out proteins (validation split, {eval_lengths})")
     import contextlib
     import io
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = cli.main(["eval", "--gin_file=gin/models/prot_t5_tiny.gin",
+        code = cli.main(["eval", f"--gin_file=gin/models/{model}.gin",
                          "--gin_file=gin/runs/eval.gin", f"--gin.MODEL_DIR={model_dir}",
                          f"--gin.DATA_DIR={data_dir}",
-                         "--gin.MIXTURE_OR_TASK_NAME=uniprot_sample_prott5",
+                         f"--gin.MIXTURE_OR_TASK_NAME={CORPUS}_{objective}",
                          f"--gin.TASK_FEATURE_LENGTHS={eval_lengths}", "--gin.BATCH_SIZE=24"])
     if code:
         raise SystemExit("evaluation failed")
@@ -134,9 +151,11 @@ def stage_train(workdir: pathlib.Path, data_dir: pathlib.Path, steps: int) -> No
           f"masked residues); unigram entropy of the training residues: {entropy:.4f} "
           f"nats ({'below' if gap > 0 else 'above'} it by {abs(gap):.4f} = "
           f"{abs(gap) / stderr:.1f} standard errors)")
+    return model_dir
 
 
-def stage_probes(workdir: pathlib.Path, model_dir: pathlib.Path) -> dict:
+def stage_probes(workdir: pathlib.Path, model_dir: pathlib.Path,
+                 name: str = "ProtT5-tiny") -> dict:
     """Embeds subsets of the probe sets with the demo model and fits the SS CNN
     and the localization/membrane FNN beside the one-hot / composition baseline.
 
@@ -156,7 +175,7 @@ def stage_probes(workdir: pathlib.Path, model_dir: pathlib.Path) -> dict:
         print(f"probes skipped: {fetched} lacks the probe data (run `make data`)")
         return {}
     embedder = embed.load_model(str(model_dir))
-    rows = [features.ModelFeatures(embedder, name="ProtT5-tiny (demo)"), features.OneHot()]
+    rows = [features.ModelFeatures(embedder, name=f"{name} (demo)"), features.OneHot()]
     config = train.ProbeConfig(max_epochs=10, patience=3)
     results = {}
     for spec, limits in (("ss_casp12", dict(train_limit=1000, max_train_length=500)),
@@ -172,13 +191,40 @@ def stage_probes(workdir: pathlib.Path, model_dir: pathlib.Path) -> dict:
     return results
 
 
-def stage_export(workdir: pathlib.Path, model_dir: pathlib.Path) -> float:
-    """Exports the demo model to Hugging Face and checks the ProtTrans snippet.
+def protbert_embeddings(hf_dir: str, sequences: Sequence[str]) -> list:
+    """Per-residue embeddings the way the ProtBert model card computes them.
 
-    ``protlm export-hf --encoder_only`` writes a ``T5EncoderModel`` directory;
-    transformers (torch, CPU) loads it with ``T5Tokenizer`` and runs the
-    ProtTrans usage snippet on held-out proteins (the validation split);
-    ``protlm embed``'s per-residue embeddings of the same proteins are compared.
+    ``BertTokenizer(do_lower_case=False)`` (ALBERT: its SentencePiece
+    tokenizer, through ``AutoTokenizer``), spaces between residues,
+    U Z O B -> X, the base model (``AutoModel``: BertModel, AlbertModel,
+    ElectraModel), padding to the longest, residues ``[1:L+1]``.
+
+    Returns:
+      One float32 [L, D] array per sequence.
+    """
+    import re
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, do_lower_case=False)
+    model = AutoModel.from_pretrained(hf_dir).float().eval()
+    prepared = [" ".join(re.sub(r"[UZOB]", "X", s)) for s in sequences]
+    encoded = tokenizer(prepared, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**encoded)
+    return [out.last_hidden_state[i, 1:len(s) + 1].numpy() for i, s in enumerate(sequences)]
+
+
+def stage_export(workdir: pathlib.Path, model_dir: pathlib.Path) -> float:
+    """Exports the demo model to Hugging Face and checks the published snippet.
+
+    ProtT5: ``protlm export-hf --encoder_only`` writes a ``T5EncoderModel``
+    directory and the ProtTrans snippet (``T5Tokenizer``) runs on it. The
+    auto-encoders: ``protlm export-hf`` writes ``*ForMaskedLM`` /
+    ``ElectraForPreTraining`` and the ProtBert snippet runs on its base model.
+    Either runs in transformers (torch, CPU) on held-out proteins (the
+    validation split) and is compared with ``protlm embed`` per residue.
 
     Returns:
       The largest absolute difference over all residues.
@@ -188,10 +234,12 @@ def stage_export(workdir: pathlib.Path, model_dir: pathlib.Path) -> float:
 
     from protlm_jax import cli, embed, hf_export
 
-    hf_dir = workdir / "prot_t5_tiny_hf"
-    _banner(f"5. protlm export-hf --model {model_dir} --output {hf_dir} --encoder_only")
-    if cli.main(["export-hf", "--model", str(model_dir), "--output", str(hf_dir),
-                 "--encoder_only"]):
+    embedder = embed.load_model(str(model_dir))
+    is_t5 = embedder.family == "t5"
+    hf_dir = workdir / f"{model_dir.name}_hf"
+    extra = ["--encoder_only"] if is_t5 else []
+    _banner(f"5. protlm export-hf --model {model_dir} --output {hf_dir} {' '.join(extra)}")
+    if cli.main(["export-hf", "--model", str(model_dir), "--output", str(hf_dir), *extra]):
         raise SystemExit("export failed")
     print(f"files: {', '.join(sorted(os.listdir(hf_dir)))}")
     pattern = str(workdir / "data" / CORPUS / "validation.tfrecord-*")
@@ -203,10 +251,12 @@ def stage_export(workdir: pathlib.Path, model_dir: pathlib.Path) -> float:
             held_out.append((feature["id"].bytes_list.value[0].decode(), seq))
         if len(held_out) == 6:
             break
-    theirs = hf_export.prottrans_embeddings(str(hf_dir), [s for _, s in held_out])
-    ours = dict(embed.load_model(str(model_dir)).embed(held_out))
+    snippet = hf_export.prottrans_embeddings if is_t5 else protbert_embeddings
+    theirs = snippet(str(hf_dir), [s for _, s in held_out])
+    ours = dict(embedder.embed(held_out))
     worst = 0.0
-    print("ProtTrans snippet (transformers, torch CPU) vs protlm embed, per residue:")
+    print(f"{'ProtTrans' if is_t5 else 'ProtBert'} snippet (transformers, torch CPU) vs "
+          "protlm embed, per residue:")
     for (ident, seq), emb in zip(held_out, theirs):
         diff = float(np.abs(ours[ident] - emb).max())
         worst = max(worst, diff)
@@ -223,6 +273,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="where the demo writes (default /tmp/protlm-demo)")
     parser.add_argument("--train_steps", type=int, default=300,
                         help="steps of the training stage (0: skip it)")
+    parser.add_argument("--model", default="prot_t5_tiny", choices=sorted(MODELS),
+                        help="the family to train: gin/experiments/<model>_demo.gin "
+                        "(default prot_t5_tiny)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     workdir = pathlib.Path(args.workdir).resolve()
@@ -231,9 +284,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stage_examples(data_dir)
     if args.train_steps:
         os.chdir(pathlib.Path(__file__).resolve().parents[1])  # gin/ lives there
-        stage_train(workdir, data_dir, args.train_steps)
-        stage_probes(workdir, workdir / "prot_t5_tiny")
-        stage_export(workdir, workdir / "prot_t5_tiny")
+        model_dir = stage_train(workdir, data_dir, args.train_steps, args.model)
+        stage_probes(workdir, model_dir, MODELS[args.model][0])
+        stage_export(workdir, model_dir)
     _banner(f"demo done: shards and stats in {data_dir / CORPUS}")
     return 0
 

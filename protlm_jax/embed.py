@@ -54,6 +54,8 @@ LONG_LENGTH = 2048
 LONG_BUCKET_MULTIPLE = 1024
 ATTENTION_CHUNK = 512
 MLP_CHUNK = 2048
+# A batch runs in groups of rows holding about this many tokens per device.
+GROUP_TOKENS = 1024
 
 
 def clean_sequence(seq: str) -> str:
@@ -86,6 +88,13 @@ def bucket_length(n: int) -> int:
     while b < n:
         b = int(math.ceil(b * BUCKET_STEP / BUCKET_MULTIPLE)) * BUCKET_MULTIPLE
     return min(b, LONG_LENGTH)
+
+
+def _rows_per_group(rows: int, length: int, group_tokens: int) -> int:
+    """The largest divisor of ``rows`` whose rows hold <= ``group_tokens`` tokens
+    (at least one row)."""
+    want = max(1, group_tokens // max(1, length))
+    return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= want)
 
 
 def _next_pow2(n: int) -> int:
@@ -156,12 +165,15 @@ class Embedder:
       long_length: bucket lengths above this run the chunked encoder.
       attention_chunk_size: its query/key block length.
       mlp_chunk_size: its feed-forward block length (T5).
+      group_tokens: a batch runs as consecutive groups of rows holding about
+        this many tokens per device (faster on CPU: one group's activations
+        stay in cache); 0 runs every batch whole.
     """
 
     def __init__(self, family: Optional[str] = None, config=None, params=None, vocab=None,
                  mesh=None, *, long_length: int = LONG_LENGTH,
                  attention_chunk_size: int = ATTENTION_CHUNK,
-                 mlp_chunk_size: int = MLP_CHUNK):
+                 mlp_chunk_size: int = MLP_CHUNK, group_tokens: int = GROUP_TOKENS):
         from protlm_jax import partitioning
         from protlm_jax.models import bert, family_of, t5
 
@@ -174,6 +186,7 @@ class Embedder:
         self.vocab = vocab if vocab is not None else _default_vocab(model_family)
         self.long_length = long_length
         self.chunk_sizes = (attention_chunk_size, mlp_chunk_size)
+        self.group_tokens = group_tokens if group_tokens > 0 else 1 << 62
         self.step: Optional[int] = None  # the checkpoint step, when loaded from one
         tree = params.get("params", params)
         # Inference: no dropout, no remat; layers unrolled so every block's
@@ -313,7 +326,7 @@ class Embedder:
             return method_name == "__call__" and (
                 mdl.name in wanted or (capture_first and mdl.name == first))
 
-        def forward(params, tokens_BT):
+        def encode(params, tokens_BT):
             if wanted or capture_first:
                 final, state = model.apply({"params": params}, tokens_BT, method=method,
                                            capture_intermediates=keep)
@@ -330,6 +343,23 @@ class Embedder:
             valid_BT = (pos_T[None, :] >= 0) & (pos_T[None, :] < lengths_B[:, None])
             total_BYD = jnp.einsum("byld,bl->byd", x_BYTD, valid_BT.astype(jnp.float32))
             return total_BYD / jnp.maximum(lengths_B, 1)[:, None, None].astype(jnp.float32)
+
+        def forward(params, tokens_BT):
+            rows, length = tokens_BT.shape
+            local = rows // self.data_size
+            per_group = _rows_per_group(local, length, self.group_tokens)
+            if per_group == local:
+                return encode(params, tokens_BT)
+            # G groups of R rows run one after the other (lax.map): each holds
+            # ~group_tokens tokens per device, so a big batch keeps the
+            # activations of one group in cache instead of streaming [B, T, F]
+            # through memory. Row r = a * G + g goes to group g, position a:
+            # with rows split over ``data`` in contiguous blocks, every group
+            # keeps R / data rows on each device.
+            groups = local // per_group
+            tokens_GRT = tokens_BT.reshape(rows // groups, groups, length).swapaxes(0, 1)
+            out_G = jax.lax.map(lambda t: encode(params, t), tokens_GRT)
+            return out_G.swapaxes(0, 1).reshape(rows, *out_G.shape[2:])
 
         fn = partitioning.partitioned_jit(
             forward, self.mesh, self.rules,

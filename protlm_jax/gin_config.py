@@ -159,7 +159,8 @@ def evaluate(model_config: t5.T5Config = gin.REQUIRED,
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise ProtlmError(f"{train_config.model_dir}: no complete checkpoint to evaluate")
-    state, _ = checkpointer.restore(step, run.init_state())
+    # Params only: the optimizer that trained them (LAMB, Adafactor…) does not matter.
+    state, _ = checkpointer.restore_params(step, run.init_state())
     batches = data_pipeline.batches(eval_data_config, train_config.batch_size,
                                     seed=train_config.seed, num_epochs=1,
                                     process_index=jax.process_index(),

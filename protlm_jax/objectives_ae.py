@@ -62,7 +62,7 @@ class MLMObjective:
         tokens = token_losses(logits_BxLxV, batch["encoder_target_tokens"])
         sums = weighted_sums(tokens, batch["encoder_loss_weights"], self.z_loss)
         sums.update(masked_loss=sums["loss"], masked_correct=sums["correct"],
-                    masked_weight=sums["weight"])
+                    masked_weight=sums["weight"], masked_loss_sq=sums.pop("loss_sq"))
         return sums["loss"] + sums["z_loss"], sums
 
 
@@ -128,10 +128,14 @@ class ElectraObjective:
             "loss": total, "z_loss": jnp.zeros_like(total), "correct": gen["correct"],
             "weight": gen["weight"], "masked_loss": gen["loss"],
             "masked_correct": gen["correct"], "masked_weight": gen["weight"],
-            "disc_loss": disc_loss, "disc_correct": disc_correct, "disc_weight": n_real,
+            "masked_loss_sq": gen["loss_sq"], "disc_loss": disc_loss, "disc_correct": disc_correct, "disc_weight": n_real,
             "replaced": jnp.sum(replaced_BxL * real),
         }
         return total, sums
+
+    def finalize_metrics(self, sums: Mapping[str, Any]) -> dict[str, float]:
+        """Means of the sums, the discriminator's included (the trainer calls this)."""
+        return finalize_metrics(sums)
 
 
 def finalize_metrics(sums: Mapping[str, Any]) -> dict[str, float]:

@@ -355,7 +355,12 @@ class Trainer:
             total = sums if total is None else jax.tree.map(np.add, total, sums)
         if total is None:
             return {}
-        return finalize_metrics(total)
+        return self._finalize(total)
+
+    def _finalize(self, sums) -> dict[str, float]:
+        """Metric sums -> means; an objective may add its own (ELECTRA's
+        discriminator loss and accuracy) with a ``finalize_metrics`` method."""
+        return getattr(self.objective, "finalize_metrics", finalize_metrics)(sums)
 
     def _print(self, text: str) -> None:
         if self.is_chief:
@@ -426,7 +431,7 @@ class Trainer:
                         f"applying it. Last good checkpoint: step {last_good} in "
                         f"{checkpointer.directory}")
                 total = jax.tree.map(lambda *x: np.sum(x), *sums)
-                scalars = finalize_metrics(total)
+                scalars = self._finalize(total)
                 scalars["learning_rate"] = float(sums[-1]["learning_rate"])
                 scalars["grad_norm"] = float(np.mean([m["grad_norm"] for m in sums]))
                 scalars["tokens_per_second"] = float(total["weight"]) / elapsed
@@ -465,6 +470,9 @@ def _summary_line(step: int, s: Mapping[str, float]) -> str:
     if "masked_loss" in s and not math.isnan(s["masked_loss"]):
         parts.append(f"masked_loss {s['masked_loss']:.4f}")
         parts.append(f"masked_acc {s['masked_accuracy']:.3f}")
+    if "disc_loss" in s:
+        parts.append(f"disc_loss {s['disc_loss']:.4f}")
+        parts.append(f"disc_acc {s['disc_accuracy']:.3f}")
     parts += [f"lr {s['learning_rate']:.2e}", f"gnorm {s['grad_norm']:.3f}",
               f"{s['tokens_per_second']:,.0f} tok/s"]
     if "mfu" in s:

@@ -130,8 +130,9 @@ def test_imported_vocabulary_drives_tokenization(records, tmp_path):
 
 @pytest.mark.parametrize("family", ["albert", "electra"])
 def test_batched_equals_alone_and_means_skip_specials(family):
-    """Sequences of many lengths in padded buckets (8-way data axis) equal each
-    one alone; per-protein means cover residues only."""
+    """Sequences of many lengths in padded buckets (8-way data axis), whole or
+    as groups of rows run one after another, equal each one alone; per-protein
+    means cover residues only."""
     cfg = CONFIGS[family]
     params = _params(cfg, seed=3)
     recs = [(f"r{i}", seq[:10 + 7 * i]) for i, (_, seq)
@@ -142,9 +143,16 @@ def test_batched_equals_alone_and_means_skip_specials(family):
         "embeddings": params["embeddings"], **params["discriminator"]}
     residues = dict(embedder.embed(recs, token_budget=64))
     means = dict(embedder.embed(recs, per_protein=True, token_budget=64))
+    # 256-token batches in groups of <= 32 tokens (lax.map over groups).
+    grouped = embed.Embedder(None, cfg, params, mesh=_one_device_mesh(), group_tokens=32)
+    in_groups = dict(grouped.embed(recs, token_budget=256))
+    assert any(rows > max(1, 32 // bucket)
+               for bucket, rows, _ in grouped._plan(
+                   [(i, [0] * (len(s) + 2)) for i, s in recs], 256))
     for ident, seq in recs:
         want = _direct(tower, direct_params, seq)
         np.testing.assert_allclose(residues[ident], want, atol=TOL, rtol=0)
+        np.testing.assert_allclose(in_groups[ident], want, atol=TOL, rtol=0)
         np.testing.assert_allclose(means[ident], want.mean(axis=0), atol=TOL, rtol=0)
 
 
