@@ -56,6 +56,15 @@ def _one_device_mesh():
     return partitioning.create_mesh(1, devices=jax.devices()[:1])
 
 
+def _model_dir(path, cfg, params, step=7):
+    """A MODEL_DIR checkpoint as training writes it (params, step, model_config)."""
+    ckpt = Checkpointer(str(path), async_save=False)
+    ckpt.save(step, {"step": jnp.asarray(step, jnp.int32), "params": params},
+              {"model_config": dataclasses.asdict(cfg), "step": step})
+    ckpt.close()
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def records():
     """Real UniProt (id, sequence) pairs, cropped to a few lengths (speed)."""
@@ -74,15 +83,24 @@ def _direct(cfg, params, seq):
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_layers_and_prottrans_snippet_match_transformers(family, records, tmp_path):
-    """A Hugging Face directory embeds like transformers: the ProtBert snippet
-    (tokenizer, spaces, UZOB -> X, *Model, [1:L+1]) for every hidden state."""
+    """A MODEL_DIR exported with `protlm export-hf` embeds like transformers:
+    the ProtBert snippet (tokenizer, spaces, UZOB -> X, *Model, [1:L+1]) on the
+    export equals `protlm embed` of the export and of the MODEL_DIR, for every
+    hidden state."""
     cfg = CONFIGS[family]
     params = _params(cfg)
-    out = hf_bert.save_pretrained(params, cfg, str(tmp_path / "hf"))
+    # A training MODEL_DIR, exported with `protlm export-hf`.
+    model_dir = _model_dir(tmp_path / "model", cfg, params)
+    out = str(tmp_path / "hf")
+    assert cli.main(["export-hf", "--model", model_dir, "--output", out]) == 0
     embedder = embed.load_model(out)
     n = embedder.num_layers
     assert embedder.family == family
     ours = dict(embedder.embed(records, layers=list(range(n + 1))))
+    # `protlm embed`'s loader on the MODEL_DIR itself gives the same arrays.
+    from_model_dir = dict(embed.load_model(model_dir).embed(records))
+    for ident, _ in records:
+        np.testing.assert_allclose(from_model_dir[ident], ours[ident][-1], atol=TOL, rtol=0)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out, do_lower_case=False)
     model = getattr(transformers, HF_BASE[family]).from_pretrained(out).eval()
     seqs = [s for _, s in records]
@@ -191,11 +209,7 @@ def test_protlm_embed_on_an_electra_model_dir(records, tmp_path, capsys):
     embeddings and the discriminator and writes ProtTrans-style HDF5."""
     cfg = CONFIGS["electra"]
     params = _params(cfg, seed=9)
-    model_dir = tmp_path / "model"
-    ckpt = Checkpointer(str(model_dir), async_save=False)
-    ckpt.save(7, {"step": jnp.asarray(7, jnp.int32), "params": params},
-              {"model_config": dataclasses.asdict(cfg), "step": 7})
-    ckpt.close()
+    model_dir = _model_dir(tmp_path / "model", cfg, params)
     fasta = tmp_path / "in.fasta"
     fasta.write_text("".join(f">{i} some/desc.1\n{s}\n" for i, s in records))
     h5_path = tmp_path / "out.h5"
