@@ -170,15 +170,14 @@ class BertConfig:
 # Published shapes (REFERENCE §1, from the Rostlab config.json files).
 BERT_PRESETS: Dict[str, BertConfig] = {
     # Tiny: CPU tests and the demo (vocab rows padded to 32 so a 4- or 8-way
-    # model axis splits them; logits still have 30 entries). 40,000 positions
-    # as published, so whole probe-set proteins embed (SCL2205 has 2,442+).
+    # model axis splits them; logits still have 30 entries).
     "prot_bert_tiny": BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=128, max_position_embeddings=40000,
+                                 intermediate_size=128, max_position_embeddings=1024,
                                  vocab_pad_to_multiple=8),
     "prot_albert_tiny": BertConfig(family="albert", vocab_size=34, hidden_size=64,
                                    num_hidden_layers=3, num_attention_heads=4,
                                    intermediate_size=128, embedding_size=16,
-                                   max_position_embeddings=40000, vocab_pad_to_multiple=8),
+                                   max_position_embeddings=1024, vocab_pad_to_multiple=8),
     # ProtBert (UniRef100) and ProtBert-BFD: 30 layers, 1024 wide, 16 heads,
     # intermediate 4096, 40,000 positions, vocab 30, dropout 0.
     "prot_bert": BertConfig(),

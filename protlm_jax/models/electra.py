@@ -90,10 +90,10 @@ ELECTRA_PRESETS: Dict[str, ElectraConfig] = {
     "prot_electra_tiny": ElectraConfig(
         discriminator=_electra(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=128, embedding_size=32,
-                               max_position_embeddings=40000, vocab_pad_to_multiple=8),
+                               max_position_embeddings=1024, vocab_pad_to_multiple=8),
         generator=_electra(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, embedding_size=32,
-                           max_position_embeddings=40000, vocab_pad_to_multiple=8)),
+                           max_position_embeddings=1024, vocab_pad_to_multiple=8)),
     # ProtElectra-Discriminator-BFD (REFERENCE §1, verified): 32 layers, 1280
     # wide, 20 heads, intermediate 5120, embedding 1280, 40,000 positions,
     # vocab 30 (ProtBert ids). The generator's config was not found; REFERENCE
