@@ -102,12 +102,13 @@ def test_nonfinite_update_is_not_applied(tmp_path, prepared_sample):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
 
 
-def _train_cmd(model_dir, *extra):
+def _train_cmd(model_dir, *extra, experiment="prot_t5_tiny_demo"):
+    lengths = ("{'inputs': 64, 'targets': 64}" if "t5" in experiment else "{'inputs': 64}")
     return [sys.executable, "-m", "protlm_jax.cli", "train",
-            "--gin_file=gin/experiments/prot_t5_tiny_demo.gin",
+            f"--gin_file=gin/experiments/{experiment}.gin",
             f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=8",
             "--gin.CHECKPOINT_PERIOD=3", "--gin.LOG_PERIOD=2", "--gin.BATCH_SIZE=8",
-            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",
+            f"--gin.TASK_FEATURE_LENGTHS={lengths}",
             "--gin.train.eval_data_config=None", *extra]
 
 
@@ -168,12 +169,15 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path, prepared_sample):
+@pytest.mark.parametrize("experiment", ["prot_t5_tiny_demo", "prot_bert_tiny_demo"])
+def test_two_processes_equal_one(tmp_path, prepared_sample, experiment):
     """Two CPU processes (gloo) on a 4-device mesh train exactly like one
-    process with 4 devices: each process reads only its own data shard."""
+    process with 4 devices: each process reads only its own data shard.
+    ProtT5 (span objective, Adafactor) and ProtBert (MLM, LAMB)."""
     shards = "--gin.train/DataConfig.num_data_shards=2"
     one = tmp_path / "one"
-    proc = subprocess.run(_train_cmd(one, shards), cwd=REPO, capture_output=True,
+    proc = subprocess.run(_train_cmd(one, shards, experiment=experiment), cwd=REPO,
+                          capture_output=True,
                           text=True, env=_env(prepared_sample, devices=4), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two"
@@ -183,7 +187,8 @@ def test_two_processes_equal_one(tmp_path, prepared_sample):
         env = _env(prepared_sample, devices=2)
         env.update(JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}")
-        procs.append(subprocess.Popen(_train_cmd(two, shards), cwd=REPO, env=env,
+        procs.append(subprocess.Popen(_train_cmd(two, shards, experiment=experiment),
+                                      cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     outs = [p.communicate(timeout=600) for p in procs]
