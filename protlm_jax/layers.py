@@ -503,12 +503,17 @@ class MultiHeadAttention(nn.Module):
                 # Same effect as HF's additive finfo.min mask; a finite value keeps
                 # a fully masked row (packed padding) uniform instead of NaN.
                 logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
-            weights_BHTS = jax.nn.softmax(logits_BHTS, axis=-1)
+            # Softmax normalised after the value product: exp(l - max) @ V / sum
+            # divides [B, T, H, K] instead of making one more pass over the
+            # [B, H, T, S] weights (memory-bound on CPU); equal up to rounding.
+            logits_max_BHT = jax.lax.stop_gradient(jnp.max(logits_BHTS, axis=-1))
+            unnorm_BHTS = jnp.exp(logits_BHTS - logits_max_BHT[..., None])
+            denom_BHT = jnp.sum(unnorm_BHTS, axis=-1)
             if not deterministic and self.dropout_rate > 0.0:
-                weights_BHTS = nn.Dropout(rate=self.dropout_rate)(
-                    weights_BHTS, deterministic=False)
-            weights_BHTS = weights_BHTS.astype(self.dtype)
-            out_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK)
+                unnorm_BHTS = nn.Dropout(rate=self.dropout_rate)(
+                    unnorm_BHTS, deterministic=False)
+            out_BTHK = jnp.einsum("bhts,bshk->bthk", unnorm_BHTS.astype(self.dtype), v_BSHK)
+            out_BTHK = (out_BTHK / jnp.moveaxis(denom_BHT, 1, 2)[..., None]).astype(self.dtype)
         out_BTHK = nn.with_logical_constraint(out_BTHK, ("batch", "length", "heads", "kv"))
         return DenseGeneral(d_model, axis=(-2, -1), kernel_axes=("heads", "kv", "embed"),
                             dtype=self.dtype, kernel_init=o_init, name="out")(out_BTHK)
