@@ -203,31 +203,6 @@ def stage_probes(workdir: pathlib.Path, model_dir: pathlib.Path,
     return results
 
 
-def protbert_embeddings(hf_dir: str, sequences: Sequence[str]) -> list:
-    """Per-residue embeddings the way the ProtBert model card computes them.
-
-    ``BertTokenizer(do_lower_case=False)`` (ALBERT: its SentencePiece
-    tokenizer, through ``AutoTokenizer``), spaces between residues,
-    U Z O B -> X, the base model (``AutoModel``: BertModel, AlbertModel,
-    ElectraModel), padding to the longest, residues ``[1:L+1]``.
-
-    Returns:
-      One float32 [L, D] array per sequence.
-    """
-    import re
-
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, do_lower_case=False)
-    model = AutoModel.from_pretrained(hf_dir).float().eval()
-    prepared = [" ".join(re.sub(r"[UZOB]", "X", s)) for s in sequences]
-    encoded = tokenizer(prepared, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model(**encoded)
-    return [out.last_hidden_state[i, 1:len(s) + 1].numpy() for i, s in enumerate(sequences)]
-
-
 def stage_export(workdir: pathlib.Path, model_dir: pathlib.Path) -> float:
     """Exports the demo model to Hugging Face and checks the published snippet.
 
@@ -263,8 +238,7 @@ def stage_export(workdir: pathlib.Path, model_dir: pathlib.Path) -> float:
             held_out.append((feature["id"].bytes_list.value[0].decode(), seq))
         if len(held_out) == 6:
             break
-    snippet = hf_export.prottrans_embeddings if is_t5 else protbert_embeddings
-    theirs = snippet(str(hf_dir), [s for _, s in held_out])
+    theirs = hf_export.prottrans_embeddings(str(hf_dir), [s for _, s in held_out])
     ours = dict(embedder.embed(held_out))
     worst = 0.0
     print(f"{'ProtTrans' if is_t5 else 'ProtBert'} snippet (transformers, torch CPU) vs "

@@ -188,7 +188,6 @@ class Embedder:
         self.chunk_sizes = (attention_chunk_size, mlp_chunk_size)
         self.group_tokens = group_tokens if group_tokens > 0 else 1 << 62
         self.step: Optional[int] = None  # the checkpoint step, when loaded from one
-        tree = params.get("params", params)
         # Inference: no dropout, no remat; layers unrolled so every block's
         # output can be captured.
         if model_family == "t5":
@@ -203,7 +202,7 @@ class Embedder:
         else:
             tower = config
             if model_family == "electra":
-                tower = getattr(config, _electra_tower(tree))
+                tower = getattr(config, _electra_tower(params.get("params", params)))
             self.config = tower.replace(hidden_dropout_prob=0.0,
                                         attention_probs_dropout_prob=0.0,
                                         remat_policy="none", scan_layers=False,
@@ -218,7 +217,6 @@ class Embedder:
             abstract = {k: v for k, v in bert.abstract_params(self.config).items()
                         if k in ("embeddings", "embedding_projection", "encoder")}
         self._tree_keys = tuple(abstract)
-        del tree
         self.mesh = mesh if mesh is not None else partitioning.create_mesh(1)
         self.rules = partitioning.standard_logical_axis_rules("1d")
         self.data_size = int(self.mesh.shape["data"])

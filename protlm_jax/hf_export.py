@@ -198,6 +198,45 @@ def _remove_stale_weights(output: str) -> None:
             os.remove(os.path.join(output, name))
 
 
+# (tokenizer class, model class, index of the first residue token) of ProtT5's snippet.
+T5_SNIPPET = ("T5Tokenizer", "T5EncoderModel", 0)
+
+
+def usage_snippet(spec: Tuple[str, str, int]) -> str:
+    """The published usage snippet (ProtTrans README / ProtBert model card) as a
+    fenced code block for a model card: tokenizer without lower-casing, spaces
+    between residues, U Z O B -> X, the encoder, residues sliced out of
+    ``last_hidden_state`` from ``first`` (0: ProtT5, ``[:L]``; 1: after
+    ``[CLS]``, ``[1:L+1]``)."""
+    tokenizer_class, model_class, first = spec
+    half = ("# model = model.half()  # on a GPU only; keep float32 on CPU\n"
+            if first == 0 else "")
+    drop = "</s>" if first == 0 else "[CLS], [SEP]"
+    sl = (lambda n: f":{n}") if first == 0 else (lambda n: f"1:{n} + 1")
+    rule = ":L" if first == 0 else "1:L+1"
+    return f"""```python
+import re
+import torch
+from transformers import {tokenizer_class}, {model_class}
+
+tokenizer = {tokenizer_class}.from_pretrained("path/to/this/model", do_lower_case=False)
+model = {model_class}.from_pretrained("path/to/this/model").eval()
+{half}
+sequences = ["PRTEINO", "SEQWENCE"]
+# one space between residues, rare residues U Z O B -> X
+sequences = [" ".join(re.sub(r"[UZOB]", "X", s)) for s in sequences]
+ids = tokenizer(sequences, add_special_tokens=True, padding="longest")
+input_ids = torch.tensor(ids["input_ids"])
+attention_mask = torch.tensor(ids["attention_mask"])
+with torch.no_grad():
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+emb_0 = out.last_hidden_state[0, {sl(7)}]  # per residue: drop {drop} and padding ([{rule}])
+emb_1 = out.last_hidden_state[1, {sl(8)}]
+protein_0 = emb_0.mean(dim=0)  # per protein: mean over residues only
+```
+"""
+
+
 def model_card(config: T5Config, *, encoder_only: bool, dtype: str, source: str,
                step: int, num_params: int) -> str:
     """README.md of the exported model, with the ProtTrans usage snippet."""
@@ -230,28 +269,7 @@ sentinel in the encoder input; the decoder reconstructs the whole sequence.
 
 ## Per-residue and per-protein embeddings (the ProtTrans snippet)
 
-```python
-import re
-import torch
-from transformers import T5Tokenizer, T5EncoderModel
-
-tokenizer = T5Tokenizer.from_pretrained("path/to/this/model", do_lower_case=False)
-model = T5EncoderModel.from_pretrained("path/to/this/model").eval()
-# model = model.half()  # on a GPU only; keep float32 on CPU
-
-sequences = ["PRTEINO", "SEQWENCE"]
-# one space between residues, rare residues U Z O B -> X
-sequences = [" ".join(re.sub(r"[UZOB]", "X", s)) for s in sequences]
-ids = tokenizer(sequences, add_special_tokens=True, padding="longest")
-input_ids = torch.tensor(ids["input_ids"])
-attention_mask = torch.tensor(ids["attention_mask"])
-with torch.no_grad():
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
-emb_0 = out.last_hidden_state[0, :7]  # per residue: drop </s> and padding ([:L])
-emb_1 = out.last_hidden_state[1, :8]
-protein_0 = emb_0.mean(dim=0)  # per protein: mean over residues only
-```
-
+{usage_snippet(T5_SNIPPET)}
 The same embeddings in JAX: `protlm embed --model path/to/this/model ...`
 (`protlm import-hf` turns this directory back into a protlm MODEL_DIR).
 """
@@ -435,50 +453,39 @@ vocabulary {vocabulary}; weights {dtype} safetensors. Pretraining objective:
 
 ## Per-residue and per-protein embeddings (the ProtBert snippet)
 
-```python
-import re
-import torch
-from transformers import {model_class}, {tokenizer_class}
-
-tokenizer = {tokenizer_class}.from_pretrained("path/to/this/model", do_lower_case=False)
-model = {model_class}.from_pretrained("path/to/this/model").eval()
-
-sequences = ["PRTEINO", "SEQWENCE"]
-# one space between residues, rare residues U Z O B -> X
-sequences = [" ".join(re.sub(r"[UZOB]", "X", s)) for s in sequences]
-ids = tokenizer(sequences, add_special_tokens=True, padding="longest")
-input_ids = torch.tensor(ids["input_ids"])
-attention_mask = torch.tensor(ids["attention_mask"])
-with torch.no_grad():
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
-emb_0 = out.last_hidden_state[0, 1:7 + 1]  # per residue: drop [CLS], [SEP] and padding ([1:L+1])
-emb_1 = out.last_hidden_state[1, 1:8 + 1]
-protein_0 = emb_0.mean(dim=0)  # per protein: mean over residues only
-```
-
+{usage_snippet((tokenizer_class, model_class, 1))}
 `protlm import-hf` turns this directory back into a protlm MODEL_DIR.
 """
 
 
 def prottrans_embeddings(hf_dir: str, sequences: Sequence[str]) -> List[np.ndarray]:
-    """Per-residue embeddings the way the ProtTrans README computes them (torch CPU).
+    """Per-residue embeddings the way the published snippets compute them (torch CPU).
 
-    The published snippet: ``T5Tokenizer(do_lower_case=False)``, spaces between
-    residues, U Z O B → X, ``T5EncoderModel``, padding to the longest, and the
-    ``[:L]`` slice. Used by the demo to compare against ``protlm embed``.
+    ProtT5 (``model_type`` t5): ``T5Tokenizer(do_lower_case=False)``,
+    ``T5EncoderModel``, residues ``[:L]``. ProtBert and the BERT family: the
+    checkpoint's tokenizer (``BertTokenizer``; ALBERT's SentencePiece one) and
+    base model through ``AutoTokenizer``/``AutoModel``, residues ``[1:L+1]``.
+    Both: spaces between residues, U Z O B → X, padding to the longest. Used by
+    the demo to compare against ``protlm embed``.
 
     Returns:
       One float32 [L, D] array per sequence.
     """
     import torch
-    from transformers import T5EncoderModel, T5Tokenizer
+    from transformers import AutoModel, AutoTokenizer, T5EncoderModel, T5Tokenizer
 
-    tokenizer = T5Tokenizer.from_pretrained(hf_dir, do_lower_case=False)
-    model = T5EncoderModel.from_pretrained(hf_dir).float().eval()
+    if hf_t5.read_hf_config(hf_dir).get("model_type", "t5") == "t5":
+        tokenizer = T5Tokenizer.from_pretrained(hf_dir, do_lower_case=False)
+        model, first = T5EncoderModel.from_pretrained(hf_dir), 0
+    else:  # [CLS] first
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, do_lower_case=False)
+        model, first = AutoModel.from_pretrained(hf_dir), 1
+    model = model.float().eval()
     prepared = [" ".join(re.sub(r"[UZOB]", "X", s)) for s in sequences]
     ids = tokenizer(prepared, add_special_tokens=True, padding="longest")
     input_ids = torch.tensor(ids["input_ids"])
     attention_mask = torch.tensor(ids["attention_mask"])
     with torch.no_grad():
         out = model(input_ids=input_ids, attention_mask=attention_mask)
-    return [out.last_hidden_state[i, :len(s)].numpy() for i, s in enumerate(sequences)]
+    return [out.last_hidden_state[i, first:first + len(s)].numpy()
+            for i, s in enumerate(sequences)]
