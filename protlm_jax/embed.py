@@ -168,17 +168,24 @@ class Embedder:
       group_tokens: a batch runs as consecutive groups of rows holding about
         this many tokens per device (faster on CPU: one group's activations
         stay in cache); 0 runs every batch whole.
+
+    Constructing one sets the process's glibc allocator to keep freed memory
+    (:func:`protlm_jax.host_memory.retain_freed_memory`;
+    ``PROTLM_MALLOC_TUNING=0`` opts out).
     """
 
     def __init__(self, family: Optional[str] = None, config=None, params=None, vocab=None,
                  mesh=None, *, long_length: int = LONG_LENGTH,
                  attention_chunk_size: int = ATTENTION_CHUNK,
                  mlp_chunk_size: int = MLP_CHUNK, group_tokens: int = GROUP_TOKENS):
-        from protlm_jax import partitioning
+        from protlm_jax import host_memory, partitioning
         from protlm_jax.models import bert, family_of, t5
 
         if config is None or params is None:
             raise ValueError("Embedder needs a config and params")
+        # Attention blocks of tens of MB: reuse heap memory instead of
+        # page-faulting fresh mmaps on every call (see host_memory).
+        host_memory.retain_freed_memory()
         model_family = family_of(config)
         if family is not None and family != model_family:
             raise ProtlmError(f"Embedder: family {family!r} but a {model_family} config")

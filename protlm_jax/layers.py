@@ -425,6 +425,49 @@ def chunked_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, *,
     return out_nBCHK.swapaxes(0, 1).reshape(b, nq * c, h, k)[:, :t]
 
 
+def masked_bias(bias: Optional[Array], mask: Array) -> Array:
+    """The additive form of a boolean attention mask, folded into ``bias``.
+
+    [B|1, H|1, T, S] float32: the bias where ``mask`` is True and
+    ``finfo(float32).min`` elsewhere (HF's convention). A masked logit becomes
+    ``l + min``, which rounds to ``min`` for any finite ``l``, so a fully masked
+    row (packed padding) stays uniform instead of NaN.
+    """
+    base = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    return jnp.where(mask, base, jnp.finfo(jnp.float32).min)
+
+
+def dot_product_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,
+                          bias: Optional[Array] = None, *, dtype: DType = jnp.float32,
+                          dropout: Optional[Callable[[Array], Array]] = None) -> Array:
+    """``softmax(q k^T + bias) v`` with the softmax in float32: [B, T, H, K].
+
+    ``bias`` is additive, [B|1, H|1, T, S] (a mask enters through
+    :func:`masked_bias`); no scaling is applied (T5 has none, BERT scales q).
+    ``dropout``, if given, maps the unnormalised weights (training).
+
+    Head-major operands and explicit ``dot_general`` s: the value product reads
+    the [B, H, T, S] weights in place, and XLA:CPU (YNNPACK) then runs logits,
+    bias, softmax and value product as one fused kernel instead of several
+    passes over [B, H, T, S] in memory. The softmax is normalised after the
+    value product (``exp(l - max) @ v / sum``), dividing [B, H, T, K] instead
+    of the weights; equal up to rounding.
+    """
+    q_BHTK, k_BHSK, v_BHSK = (jnp.swapaxes(x, 1, 2) for x in (q_BTHK, k_BSHK, v_BSHK))
+    logits_BHTS = jax.lax.dot_general(
+        q_BHTK, k_BHSK, (((3,), (3,)), ((0, 1), (0, 1)))).astype(jnp.float32)
+    if bias is not None:
+        logits_BHTS = logits_BHTS + bias.astype(jnp.float32)
+    logits_max_BHT = jax.lax.stop_gradient(jnp.max(logits_BHTS, axis=-1))
+    unnorm_BHTS = jnp.exp(logits_BHTS - logits_max_BHT[..., None])
+    denom_BHT = jnp.sum(unnorm_BHTS, axis=-1)
+    if dropout is not None:
+        unnorm_BHTS = dropout(unnorm_BHTS)
+    out_BHTK = jax.lax.dot_general(unnorm_BHTS.astype(dtype), v_BHSK,
+                                   (((3,), (2,)), ((0, 1), (0, 1))))
+    return jnp.swapaxes(out_BHTK / denom_BHT[..., None], 1, 2).astype(dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """T5 multi-head attention: no 1/sqrt(d_kv) scaling, additive position bias.
 
@@ -496,24 +539,13 @@ class MultiHeadAttention(nn.Module):
         else:
             if isinstance(bias, PositionBiasTable):
                 bias = bias(jnp.arange(t), jnp.arange(s))
-            logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK).astype(jnp.float32)
-            if bias is not None:
-                logits_BHTS = logits_BHTS + bias.astype(jnp.float32)
             if mask is not None:
-                # Same effect as HF's additive finfo.min mask; a finite value keeps
-                # a fully masked row (packed padding) uniform instead of NaN.
-                logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
-            # Softmax normalised after the value product: exp(l - max) @ V / sum
-            # divides [B, T, H, K] instead of making one more pass over the
-            # [B, H, T, S] weights (memory-bound on CPU); equal up to rounding.
-            logits_max_BHT = jax.lax.stop_gradient(jnp.max(logits_BHTS, axis=-1))
-            unnorm_BHTS = jnp.exp(logits_BHTS - logits_max_BHT[..., None])
-            denom_BHT = jnp.sum(unnorm_BHTS, axis=-1)
+                bias = masked_bias(bias, mask)
+            dropout = None
             if not deterministic and self.dropout_rate > 0.0:
-                unnorm_BHTS = nn.Dropout(rate=self.dropout_rate)(
-                    unnorm_BHTS, deterministic=False)
-            out_BTHK = jnp.einsum("bhts,bshk->bthk", unnorm_BHTS.astype(self.dtype), v_BSHK)
-            out_BTHK = (out_BTHK / jnp.moveaxis(denom_BHT, 1, 2)[..., None]).astype(self.dtype)
+                dropout = lambda w: nn.Dropout(rate=self.dropout_rate)(w, deterministic=False)
+            out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias,
+                                             dtype=self.dtype, dropout=dropout)
         out_BTHK = nn.with_logical_constraint(out_BTHK, ("batch", "length", "heads", "kv"))
         return DenseGeneral(d_model, axis=(-2, -1), kernel_axes=("heads", "kv", "embed"),
                             dtype=self.dtype, kernel_init=o_init, name="out")(out_BTHK)
