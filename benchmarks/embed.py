@@ -210,6 +210,8 @@ def main() -> None:
     parser.add_argument("--memory_lengths", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1000, 5000, 20000, 35000])
     parser.add_argument("--memory_limit_gb", type=float, default=16.0)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved rounds of ours and the baselines (best of each)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--quick", action="store_true",
@@ -236,7 +238,7 @@ def main() -> None:
     from protlm_jax import embed, hf_t5, host_memory, partitioning
     from protlm_jax.models import t5
     from protlm_jax.vocabularies import ProtT5Vocabulary
-    from train_step import bench_peak
+    from train_step import bench_peak, matmul_rate_probe
 
     # The allocator setting the Embedder makes, made before anything is
     # measured: the peak, ours and the torch baseline all run under it.
@@ -269,8 +271,20 @@ def main() -> None:
         result = dict(embedder.embed(records, token_budget=args.token_budget))
         return result, time.perf_counter() - t
 
+    hf_runs = [] if args.no_hf else [
+        ("prottrans_batching", prottrans_batches(records), TARGET_VS_PROTTRANS),
+        ("naive_batch8", naive_batches(records), TARGET_VS_NAIVE)]
+    # Rounds interleave ours and the baselines (best of the rounds for each),
+    # so a slow spell of a shared machine does not fall on one side only.
     ours, t_cold = run_ours()
-    _, t_warm = run_ours()
+    t_warm, t_hf, theirs = [], {name: [] for name, _, _ in hf_runs}, {}
+    for _ in range(args.rounds):
+        t_warm.append(run_ours()[1])
+        for name, batches, _ in hf_runs:
+            t = time.perf_counter()
+            theirs[name] = hf_embed(hf, vocab, batches)
+            t_hf[name].append(time.perf_counter() - t)
+    best = min(t_warm)
     plan = embedder._plan([(i, encode(vocab, s)) for i, s in records], args.token_budget)
     flops = sum(forward_flops(cfg, rows, bucket) for bucket, rows, _ in plan)
     slots = sum(rows * bucket for bucket, rows, _ in plan)
@@ -279,50 +293,55 @@ def main() -> None:
                     token_budget=args.token_budget)
     report.emit("embed/protlm_jax_cold", residues / t_cold, "residues/s", seconds=t_cold,
                 **ours_ctx)
-    report.emit("embed/protlm_jax", residues / t_warm, "residues/s", seconds=t_warm,
-                mfu_padded=flops / t_warm / peak, **ours_ctx)
-    if not args.no_hf:
-        for name, batches, target in (
-                ("prottrans_batching", prottrans_batches(records), TARGET_VS_PROTTRANS),
-                ("naive_batch8", naive_batches(records), TARGET_VS_NAIVE)):
-            t = time.perf_counter()
-            theirs = hf_embed(hf, vocab, batches)
-            t_hf = time.perf_counter() - t
-            diff = max(float(np.abs(theirs[i] - ours[i]).max()) for i, _ in records[:20])
-            report.emit(f"embed/hf_torch_{name}", residues / t_hf, "residues/s",
-                        seconds=t_hf, batches=len(batches), **ctx)
-            report.emit(f"embed/vs_hf_{name}", residues / t_warm, "residues/s",
-                        baseline=residues / t_hf, speedup=t_hf / t_warm,
-                        speedup_cold=t_hf / t_cold, target_speedup=target,
-                        meets_speedup=t_hf / t_warm >= target, max_abs_diff=diff, **ctx)
+    report.emit("embed/protlm_jax", residues / best, "residues/s", seconds=best,
+                seconds_rounds=t_warm, mfu_padded=flops / best / peak, **ours_ctx)
+    for name, batches, target in hf_runs:
+        t_base = min(t_hf[name])
+        diff = max(float(np.abs(theirs[name][i] - ours[i]).max()) for i, _ in records[:20])
+        report.emit(f"embed/hf_torch_{name}", residues / t_base, "residues/s",
+                    seconds=t_base, seconds_rounds=t_hf[name], batches=len(batches), **ctx)
+        report.emit(f"embed/vs_hf_{name}", residues / best, "residues/s",
+                    baseline=residues / t_base, speedup=t_base / best,
+                    speedup_cold=t_base / t_cold, target_speedup=target,
+                    meets_speedup=t_base / best >= target, max_abs_diff=diff, **ctx)
 
-    # One forward at fixed shapes: MFU once batches hold >= 256 tokens.
+    # One forward at fixed shapes: MFU once batches hold >= 256 tokens. Each
+    # shape runs rounds of (matmul peak, ours, HF); every MFU divides by the
+    # highest peak measured anywhere in the run (the most conservative).
     fn = embedder._fn(False, (cfg.num_encoder_layers,), False, "float32")
     rng = np.random.default_rng(0)
+    peak_probe = matmul_rate_probe(512 if args.quick else 2048)
+    forward_lines = []
     for rows, length in FORWARD_SHAPES[:2] if args.quick else FORWARD_SHAPES:
         tokens = rng.integers(3, 26, size=(rows, length)).astype(np.int32)
-        f = forward_flops(cfg, rows, length)
+        ids = torch.from_numpy(tokens).long()
         jax.block_until_ready(fn(embedder.params, tokens))
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(embedder.params, tokens))
-            times.append(time.perf_counter() - t)
-        mine = min(times)
-        line = {"rows": rows, "length": length, "tokens": rows * length, "flops": f,
-                "seconds": mine, "mfu": f / mine / peak, "target_mfu": TARGET_MFU,
-                "meets_mfu": f / mine / peak >= TARGET_MFU}
-        if not args.no_hf:
-            ids = torch.from_numpy(tokens).long()
-            with torch.no_grad():
+        mine, theirs_s = [], []
+        with torch.no_grad():
+            if not args.no_hf:
                 hf(ids)
-                hf_times = []
-                for _ in range(3):
+            for _ in range(3):
+                peak = max(peak, peak_probe())
+                t = time.perf_counter()
+                jax.block_until_ready(fn(embedder.params, tokens))
+                mine.append(time.perf_counter() - t)
+                if not args.no_hf:
                     t = time.perf_counter()
                     hf(ids)
-                    hf_times.append(time.perf_counter() - t)
-            line.update(seconds_hf=min(hf_times), mfu_hf=f / min(hf_times) / peak)
-        report.emit(f"forward/{rows}x{length}", f / mine, "FLOP/s", **line)
+                    theirs_s.append(time.perf_counter() - t)
+        line = {"rows": rows, "length": length, "tokens": rows * length,
+                "flops": forward_flops(cfg, rows, length), "seconds": min(mine)}
+        if theirs_s:
+            line["seconds_hf"] = min(theirs_s)
+        forward_lines.append(line)
+    for line in forward_lines:
+        f = line["flops"]
+        line.update(peak_flops=peak, mfu=f / line["seconds"] / peak, target_mfu=TARGET_MFU,
+                    meets_mfu=f / line["seconds"] / peak >= TARGET_MFU)
+        if "seconds_hf" in line:
+            line["mfu_hf"] = f / line["seconds_hf"] / peak
+        report.emit(f"forward/{line['rows']}x{line['length']}", f / line["seconds"],
+                    "FLOP/s", **line)
 
     if not args.no_memory:
         bench_memory(report, args)

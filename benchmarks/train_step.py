@@ -161,6 +161,27 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def matmul_rate_probe(size: int, repeats: int = 3) -> Callable[[], float]:
+    """A function measuring the float32 matmul rate now: best of ``repeats``
+    of a jitted ``jnp.dot`` and of ``torch.mm`` on ``size``x``size``, the
+    higher of the two, in FLOP/s. For re-measuring the peak between timings."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    a_np = np.random.default_rng(1).standard_normal((size, size), np.float32)
+    a, at, dot = jnp.asarray(a_np), torch.from_numpy(a_np), jax.jit(jnp.dot)
+
+    def probe() -> float:
+        with torch.no_grad():
+            t = min(best_time(lambda: dot(a, a).block_until_ready(), repeats),
+                    best_time(lambda: torch.mm(at, at), repeats))
+        return 2.0 * size ** 3 / t
+
+    return probe
+
+
 def bench_peak(report: Reporter, size: int, repeats: int) -> float:
     import jax
     import jax.numpy as jnp

@@ -22,7 +22,7 @@ import transformers
 from conftest import read_sample_records
 # Imported before any capsys test: the Trainer binds sys.stdout as its default
 # log at import, and a capsys stream is closed after its test.
-from protlm_jax import cli, embed, hf_t5, partitioning, trainer  # noqa: F401
+from protlm_jax import cli, embed, hf_t5, layers, partitioning, trainer  # noqa: F401
 from protlm_jax.models import t5
 from protlm_jax.vocabularies import ProtT5Vocabulary
 
@@ -146,6 +146,26 @@ def test_chunked_encoder_equals_plain(tiny_params, records):
         for r, s in enumerate(seqs):
             np.testing.assert_allclose(chunked[r, :len(s) + 1], plain[r, :len(s) + 1],
                                        atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias_kind", ["position", "key_mask", "none"])
+def test_query_blocked_attention_equals_one_softmax(bias_kind):
+    # 1,100 queries > 2 x 512: blocks of 512, 512 and 76 against all keys.
+    b, t, h, k = 2, 1100, 2, 8
+    rng = np.random.default_rng(0)
+    q, kk, v = (jnp.asarray(rng.standard_normal((b, t, h, k)), jnp.float32) for _ in range(3))
+    keys = np.arange(t)[None, :] < np.array([[t], [700]])            # row 1: 400 pad keys
+    bias = {"position": layers.masked_bias(
+                jnp.asarray(rng.standard_normal((1, h, t, t)), jnp.float32),
+                jnp.asarray(keys)[:, None, None, :]),
+            "key_mask": layers.masked_bias(None, jnp.asarray(keys)[:, None, None, :]),
+            "none": None}[bias_kind]
+    blocked = layers.dot_product_attention(q, kk, v, bias, query_block=512)
+    whole = layers.dot_product_attention(q, kk, v, bias, query_block=0)
+    logits = jnp.einsum("bthk,bshk->bhts", q, kk) + (0.0 if bias is None else bias)
+    reference = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(logits, axis=-1), v)
+    np.testing.assert_allclose(blocked, whole, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(blocked, reference, atol=2e-6, rtol=1e-5)
 
 
 def test_embedder_switches_to_chunks_and_stays_exact(tiny_params, records):
