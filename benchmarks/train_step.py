@@ -422,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     import jax  # noqa: E402  (after the environment is fixed)
     import torch  # noqa: E402
 
+    from protlm_jax import host_memory
+
+    # The allocator setting the Trainer makes, made before anything is
+    # measured: the peak, ours and the torch baseline all run under it.
+    malloc_tuning = host_memory.retain_freed_memory()
     common = {
         "quick": args.quick,
         "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
@@ -429,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                  "loadavg_1m": round(loadavg_start[0], 2),
                  "loadavg_5m": round(loadavg_start[1], 2),
                  "jax_devices": [str(d) for d in jax.devices()],
-                 "xla_flags": os.environ.get("XLA_FLAGS", "")},
+                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                 "malloc_tuning": malloc_tuning},
         "versions": {name: version(pkg) for name, pkg in (
             ("protlm_jax", "protlm-jax"), ("jax", "jax"), ("jaxlib", "jaxlib"),
             ("flax", "flax"), ("optax", "optax"), ("torch", "torch"),

@@ -202,8 +202,11 @@ class Trainer:
                  model_feature_lengths: Mapping[str, int], init_inputs: tuple[str, ...],
                  extra_metadata: Optional[dict] = None, log=sys.stdout,
                  devices: Optional[list] = None, hooks: Sequence[Callable] = ()):
-        from protlm_jax import optimizers
+        from protlm_jax import host_memory, optimizers
 
+        # CPU hosts: reuse freed heap blocks instead of page-faulting fresh
+        # mmaps on every step (see host_memory; PROTLM_MALLOC_TUNING=0 opts out).
+        host_memory.retain_freed_memory()
         if config.batch_size % config.microbatches:
             raise ProtlmError(f"batch_size {config.batch_size} is not divisible by "
                               f"microbatches {config.microbatches}")
