@@ -10,8 +10,12 @@ MALLOC_TRIM_THRESHOLD_=...`` environment variables do, or what jemalloc /
 tcmalloc do by default) removes that cost (``benchmarks/README.md``, embed.py).
 
 The cost is that the process keeps its peak heap until it exits instead of
-handing freed blocks back to the kernel; peak resident memory is unchanged.
-Set ``PROTLM_MALLOC_TUNING=0`` to leave the allocator as it is.
+handing freed blocks back to the kernel. Peak resident memory is unchanged
+(embedding one 5k / 20k-residue protein: 1,240 / 1,637 MB with it, 1,260 /
+1,640 MB without; prot_t5_base width, one layer).
+
+``Embedder`` and ``Trainer`` make the setting when built; set
+``PROTLM_MALLOC_TUNING=0`` to leave the allocator as it is.
 """
 
 from __future__ import annotations
