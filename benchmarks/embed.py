@@ -8,7 +8,8 @@ Run from the repository root::
 Measured in one run (JSON lines on stdout, see ``benchmarks/README.md``):
 
 1. The float32 matmul peak (``train_step.bench_peak``: jitted ``jnp.dot`` and
-   ``torch.mm`` of 2048x2048), the denominator of every MFU.
+   ``torch.mm`` of 2048x2048), probed again between the forward timings; the
+   highest rate measured is the denominator of every forward MFU.
 2. Residues/s embedding the first N records of the UniProt query set
    (``data/fetched/uniprot20k/QUERY.fasta.gz``; the bundled sample if absent)
    per residue, with a ``prot_t5_base``-shaped encoder whose random weights
@@ -18,7 +19,10 @@ Measured in one run (JSON lines on stdout, see ``benchmarks/README.md``):
    < 4,000 residues and <= 100 sequences, sequences over 1,000 alone) and HF
    as most scripts do (input order, batches of 8 padded to the longest).
 3. One encoder forward at fixed shapes (>= 256 tokens): seconds and MFU, ours
-   and HF.
+   and HF, interleaved.
+
+Ours and the baselines run in interleaved rounds (best of each), all under the
+allocator setting ``Embedder`` makes (``protlm_jax.host_memory``).
 4. Peak resident memory (``VmHWM``) embedding one protein of 1k, 5k, 20k
    and 35k residues, each in its own subprocess under an address-space limit
    (``--memory_limit_gb``) so running out is an exception, never the kernel's
