@@ -161,45 +161,40 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def matmul_rate_probe(size: int, repeats: int = 3) -> Callable[[], float]:
-    """A function measuring the float32 matmul rate now: best of ``repeats``
-    of a jitted ``jnp.dot`` and of ``torch.mm`` on ``size``x``size``, the
-    higher of the two, in FLOP/s. For re-measuring the peak between timings."""
+def matmul_timer(size: int, repeats: int) -> Callable[[], tuple[float, float]]:
+    """A function timing float32 ``size``x``size`` products: best of
+    ``repeats`` seconds of a jitted ``jnp.dot`` and of ``torch.mm``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
 
-    a_np = np.random.default_rng(1).standard_normal((size, size), np.float32)
-    a, at, dot = jnp.asarray(a_np), torch.from_numpy(a_np), jax.jit(jnp.dot)
+    rng = np.random.default_rng(0)
+    a_np, b_np = (rng.standard_normal((size, size), np.float32) for _ in range(2))
+    a, b, dot = jnp.asarray(a_np), jnp.asarray(b_np), jax.jit(jnp.dot)
+    at, bt = torch.from_numpy(a_np), torch.from_numpy(b_np)
 
-    def probe() -> float:
+    def timer() -> tuple[float, float]:
         with torch.no_grad():
-            t = min(best_time(lambda: dot(a, a).block_until_ready(), repeats),
-                    best_time(lambda: torch.mm(at, at), repeats))
-        return 2.0 * size ** 3 / t
+            return (best_time(lambda: dot(a, b).block_until_ready(), repeats),
+                    best_time(lambda: torch.mm(at, bt), repeats))
 
-    return probe
+    return timer
+
+
+def matmul_rate_probe(size: int, repeats: int = 3) -> Callable[[], float]:
+    """A function measuring the float32 matmul rate now (FLOP/s, the higher of
+    jax and torch). For re-measuring the peak between timings."""
+    timer = matmul_timer(size, repeats)
+    return lambda: 2.0 * size ** 3 / min(timer())
 
 
 def bench_peak(report: Reporter, size: int, repeats: int) -> float:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
     import torch
 
-    flops = 2.0 * size ** 3
-    rng = np.random.default_rng(0)
-    a_np = rng.standard_normal((size, size), np.float32)
-    b_np = rng.standard_normal((size, size), np.float32)
-    a, b = jnp.asarray(a_np), jnp.asarray(b_np)
-    dot = jax.jit(jnp.dot)
-    t_jax = best_time(lambda: dot(a, b).block_until_ready(), repeats)
     torch.set_num_threads(os.cpu_count())
-    at, bt = torch.from_numpy(a_np), torch.from_numpy(b_np)
-    with torch.no_grad():
-        t_torch = best_time(lambda: torch.mm(at, bt), repeats)
-    jax_rate, torch_rate = flops / t_jax, flops / t_torch
+    t_jax, t_torch = matmul_timer(size, repeats)()
+    jax_rate, torch_rate = 2.0 * size ** 3 / t_jax, 2.0 * size ** 3 / t_torch
     common = {"size": size, "repeats": repeats, "dtype": "float32"}
     report.emit("peak/jax_dot", jax_rate, "FLOP/s", seconds=t_jax, **common)
     report.emit("peak/torch_mm", torch_rate, "FLOP/s", seconds=t_torch,
@@ -207,15 +202,9 @@ def bench_peak(report: Reporter, size: int, repeats: int) -> float:
     peak = max(jax_rate, torch_rate)
     # Context only: on a small cache-sharing VM the 2048 product (48 MB of
     # operands) can run well below what smaller, cache-resident products reach.
-    by_size = {}
-    for n in (512, 1024):
-        if n < size:
-            x = jnp.asarray(a_np[:n, :n])
-            xt = torch.from_numpy(np.ascontiguousarray(a_np[:n, :n]))
-            with torch.no_grad():
-                by_size[n] = {"jax": 2.0 * n ** 3 / best_time(
-                    lambda: dot(x, x).block_until_ready(), repeats),
-                    "torch": 2.0 * n ** 3 / best_time(lambda: torch.mm(xt, xt), repeats)}
+    by_size = {n: dict(zip(("jax", "torch"), (2.0 * n ** 3 / t
+                                              for t in matmul_timer(n, repeats)())))
+               for n in (512, 1024) if n < size}
     report.emit("peak/flops", peak, "FLOP/s", source="jax" if jax_rate >= torch_rate
                 else "torch", other_sizes=by_size, **common)
     return peak
