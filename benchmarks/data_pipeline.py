@@ -161,7 +161,7 @@ def gzip_file(source: Path, dest: Path) -> None:
 # ---------------------------------------------------------------------------
 
 def parse_protlm(path: Path) -> tuple[int, int]:
-    from protlm_jax.fasta import read_fasta
+    from protlm_jax.data.fasta import read_fasta
 
     records = residues = 0
     for record in read_fasta(str(path), counts=collections.Counter()):
@@ -213,7 +213,7 @@ def bench_parse(report: Reporter, layouts: dict[str, Path], repeats: int) -> Non
 # ---------------------------------------------------------------------------
 
 def prepare_beam(path: Path, output: Path) -> dict:
-    from protlm_jax.prepare import PrepareConfig, run
+    from protlm_jax.data.prepare import PrepareConfig, run
 
     return run(PrepareConfig(inputs=(str(path),), output=str(output),
                              num_shards=NUM_SHARDS, progress=False))
@@ -229,8 +229,8 @@ def prepare_plain(path: Path, output: Path) -> dict:
     """
     import tensorflow as tf
 
-    from protlm_jax import fasta
-    from protlm_jax.prepare import canonical_digest, serialize_example, shard_name
+    from protlm_jax.data import fasta
+    from protlm_jax.data.prepare import canonical_digest, serialize_example, shard_name
 
     shards: list[list[tuple[bytes, str, str]]] = [[] for _ in range(NUM_SHARDS)]
     read = 0
@@ -261,7 +261,7 @@ def same_shards(a: Path, b: Path) -> bool:
 
 def bench_prepare(report: Reporter, gz_path: Path, plain_path: Path, work: Path,
                   repeats: int) -> None:
-    from protlm_jax.prepare import run  # noqa: F401  (import cost outside the timing)
+    from protlm_jax.data.prepare import run  # noqa: F401  (import cost outside the timing)
     import tensorflow as tf  # noqa: F401
 
     size = plain_path.stat().st_size
@@ -340,7 +340,7 @@ def bench_seqio(report: Reporter, gz_path: Path, work: Path, batches: int) -> No
     import seqio
 
     import protlm_tasks  # noqa: F401  (registers the tasks)
-    from protlm_jax.feature_converters import MLMFeatureConverter
+    from protlm_jax.data.feature_converters import MLMFeatureConverter
 
     lengths = {"inputs": SEQUENCE_LENGTH, "targets": SEQUENCE_LENGTH}
     for task, converter in (("uniprot_sample_prott5", seqio.EncDecFeatureConverter),

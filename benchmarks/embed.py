@@ -60,7 +60,8 @@ FORWARD_SHAPES = ((1, 256), (4, 256), (16, 256), (4, 1024))
 
 
 def read_records(path: Path, num: int) -> list[tuple[str, str]]:
-    from protlm_jax import embed, fasta
+    from protlm_jax import embed
+    from protlm_jax.data import fasta
 
     out = []
     for rec in fasta.read_fasta(str(path)):
@@ -153,7 +154,7 @@ def memory_child(impl: str, length: int, model: str, layers: int, limit_gb: floa
 
             params = t5.T5EncoderOnly(cfg).init(jax.random.PRNGKey(0),
                                                 jnp.ones((1, 8), jnp.int32))["params"]
-            embedder = embed.Embedder("t5", cfg, params)
+            embedder = embed.Embedder(cfg, params)
             start_rss = _peak_rss_mb()
             t = time.perf_counter()
             (_, emb), = embedder.embed([("x", seq)])
@@ -161,8 +162,8 @@ def memory_child(impl: str, length: int, model: str, layers: int, limit_gb: floa
             import torch
             import transformers
 
-            from protlm_jax import hf_t5
-            from protlm_jax.vocabularies import ProtT5Vocabulary
+            from protlm_jax.hf import t5 as hf_t5
+            from protlm_jax.data.vocabularies import ProtT5Vocabulary
 
             torch.set_num_threads(os.cpu_count())
             hf = transformers.T5EncoderModel(hf_t5.hf_config_from_t5config(cfg)).eval()
@@ -239,9 +240,10 @@ def main() -> None:
     import torch
     import transformers
 
-    from protlm_jax import embed, hf_t5, host_memory, partitioning
+    from protlm_jax import embed, host_memory, partitioning
+    from protlm_jax.hf import t5 as hf_t5
     from protlm_jax.models import t5
-    from protlm_jax.vocabularies import ProtT5Vocabulary
+    from protlm_jax.data.vocabularies import ProtT5Vocabulary
     from train_step import bench_peak, matmul_rate_probe
 
     # The allocator setting the Embedder makes, made before anything is
@@ -264,9 +266,9 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     hf = transformers.T5EncoderModel(hf_t5.hf_config_from_t5config(cfg)).eval()
-    params = hf_t5.params_from_hf_state_dict(hf.state_dict(), cfg, encoder_only=True)
+    params = hf_t5.params_from_state_dict(hf.state_dict(), cfg, encoder_only=True)
     mesh = partitioning.create_mesh(1, devices=jax.devices()[:1])
-    embedder = embed.Embedder("t5", cfg, params, ProtT5Vocabulary(), mesh)
+    embedder = embed.Embedder(cfg, params, ProtT5Vocabulary(), mesh)
     vocab = ProtT5Vocabulary()
     ctx = {"records": len(records), "residues": residues, "dtype": "float32"}
 

@@ -96,8 +96,8 @@ def make_batch(batch: int, length: int, seed: int = 0) -> dict:
     """
     import numpy as np
 
-    from protlm_jax import fasta
-    from protlm_jax.vocabularies import ProtT5Vocabulary
+    from protlm_jax.data import fasta
+    from protlm_jax.data.vocabularies import ProtT5Vocabulary
 
     vocab = ProtT5Vocabulary()
     rng = np.random.default_rng(seed)
@@ -313,7 +313,7 @@ def bench_hf(report: Reporter, name: str, batch_np: dict, *, steps: int, warmup:
     import torch
     import transformers
 
-    from protlm_jax.hf_t5 import hf_config_from_t5config
+    from protlm_jax.hf.t5 import hf_config_from_t5config
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)

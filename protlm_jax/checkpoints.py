@@ -16,6 +16,9 @@ from typing import Any, Optional, Sequence, Tuple
 import jax
 import orbax.checkpoint as ocp
 
+from protlm_jax import models, partitioning
+from protlm_jax.errors import ProtlmError
+
 
 class Checkpointer:
     """Saves and restores train states under ``<model_dir>/checkpoints``."""
@@ -66,8 +69,6 @@ class Checkpointer:
         return self._restore_params_only(step, like, meta), meta
 
     def _restore_params_only(self, step: int, like: Any, meta: dict) -> Any:
-        from protlm_jax.errors import ProtlmError
-
         where = os.path.join(self.directory, str(step))
         if meta.get("encoder_only"):
             raise ProtlmError(f"{where}: an encoder-only checkpoint (imported from a "
@@ -93,21 +94,20 @@ class Checkpointer:
 
 
 def read_params(model_dir: str, step: Optional[int] = None, *, encoder_only: bool = False,
-                keep: Optional[Sequence[str]] = None, mesh: Optional[jax.sharding.Mesh] = None,
+                mesh: Optional[jax.sharding.Mesh] = None,
                 rules: Optional[Sequence] = None) -> Tuple[Any, Any, dict, int]:
     """The params (only) of a MODEL_DIR checkpoint, a training state or imported.
 
     Reads just ``params`` (an orbax partial restore: no optimizer state) into
-    their shardings on ``mesh``; the model config (any family) comes from the
-    checkpoint's metadata.
+    their shardings on ``mesh``; the model config comes from the checkpoint's
+    metadata (``model_family`` + ``model_config``; checkpoints written before
+    the family was stored have it guessed from the config's fields).
 
     Args:
       model_dir: the MODEL_DIR (its ``checkpoints/`` folder is read).
       step: the checkpoint step; default the latest complete one.
-      encoder_only: T5: only the token embedding and the encoder (what an
-        encoder-only import holds, and all that embedding needs).
-      keep: top-level parameter collections to read (e.g. no MLM head);
-        default all (after ``encoder_only``).
+      encoder_only: only what the family's encoder needs
+        (``Family.encoder_collections``: no decoder, heads or generator).
       mesh: default the first device alone.
       rules: logical axis rules; default the 1-D set.
 
@@ -118,10 +118,6 @@ def read_params(model_dir: str, step: Optional[int] = None, *, encoder_only: boo
       ProtlmError: no checkpoint, unknown step, metadata or params that do not
         match.
     """
-    from protlm_jax import partitioning
-    from protlm_jax.errors import ProtlmError
-    from protlm_jax.models import abstract_params_of, config_from_dict
-
     directory = os.path.join(os.path.abspath(model_dir) if "://" not in model_dir
                              else model_dir, "checkpoints")
     if "://" not in directory and not os.path.isdir(directory):
@@ -139,15 +135,17 @@ def read_params(model_dir: str, step: Optional[int] = None, *, encoder_only: boo
         where = os.path.join(directory, str(step))
         meta = dict(manager.restore(step, args=ocp.args.Composite(
             metadata=ocp.args.JsonRestore()))["metadata"])
-        config = config_from_dict(meta.get("model_config"), where)
+        config = models.config_from_dict(meta.get("model_config"), where,
+                                         meta.get("model_family"))
+        family = models.family_for(config)
         if meta.get("encoder_only") and not encoder_only:
             raise ProtlmError(f"{where}: an encoder-only checkpoint (imported from a "
                               f"T5EncoderModel); use it encoder-only (export-hf --encoder_only)")
         mesh = mesh if mesh is not None else partitioning.create_mesh(1, jax.devices()[:1])
         rules = rules or partitioning.standard_logical_axis_rules("1d")
-        abstract = abstract_params_of(config, encoder_only=encoder_only)
-        if keep is not None:
-            abstract = {k: v for k, v in abstract.items() if k in keep}
+        abstract = family.abstract_params(config, encoder_only=encoder_only)
+        if encoder_only:
+            abstract = {k: v for k, v in abstract.items() if k in family.encoder_collections}
         if meta.get("param_collections"):  # an import of part of a model (no head…)
             abstract = {k: v for k, v in abstract.items() if k in meta["param_collections"]}
         with partitioning.axis_rules(mesh, rules):

@@ -16,6 +16,7 @@ operative config beside the checkpoints at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -23,39 +24,37 @@ import sys
 from typing import Mapping, Optional, Sequence
 
 import gin
+import jax
 
-from protlm_jax import data_pipeline, objectives, objectives_ae, optimizers, trainer
+import protlm_tasks  # noqa: F401  (registers the seqio tasks the runs read)
+from protlm_jax import checkpoints, models, optimizers, plan, trainer
+from protlm_jax.data import pipeline as data_pipeline
+from protlm_jax.data import sample
+from protlm_jax.data import sources as data_sources
 from protlm_jax.errors import ProtlmError
-from protlm_jax.models import bert, build_model, electra, t5
 from protlm_jax.probes import hook as probe_hook
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-gin.external_configurable(t5.T5Config, "T5Config")
 gin.external_configurable(trainer.TrainConfig, "TrainConfig")
 gin.external_configurable(optimizers.OptimizerConfig, "OptimizerConfig")
 gin.external_configurable(optimizers.ScheduleConfig, "ScheduleConfig")
 gin.external_configurable(data_pipeline.DataConfig, "DataConfig")
-gin.external_configurable(objectives.EncDecObjective, "EncDecObjective")
-# The auto-encoder family (ProtBert, ProtAlbert, ProtElectra).
-gin.external_configurable(bert.BertConfig, "BertConfig")
-gin.external_configurable(electra.ElectraConfig, "ElectraConfig")
-gin.external_configurable(objectives_ae.MLMObjective, "MLMObjective")
-gin.external_configurable(objectives_ae.ElectraObjective, "ElectraObjective")
 gin.external_configurable(probe_hook.ProbeHook, "ProbeHook")
+# Every registered family's config class and objective, under their class
+# names (T5Config, BertConfig, ElectraConfig, EncDecObjective, MLMObjective…).
+for _cls in dict.fromkeys(c for f in models.FAMILIES.values()
+                          for c in (f.config_class, f.default_objective)):
+    gin.external_configurable(_cls, _cls.__name__)
 
 
 def _set_data_dir(data_dir: Optional[str]) -> None:
-    from protlm_jax import data_sources
-
     if data_dir:
         data_sources.set_data_dir(data_dir)
 
 
 def _prepare_sample_if_missing(task: str) -> None:
     """Prepares the bundled sample when a ``uniprot_sample_*`` task has no shards."""
-    from protlm_jax import data_sources, demo
-
     if not task.startswith("uniprot_sample_"):
         return
     directory = data_sources.corpus_dir("uniprot_sample")
@@ -64,31 +63,40 @@ def _prepare_sample_if_missing(task: str) -> None:
     if list(pathlib.Path(directory).glob("train.tfrecord-*")):
         return
     print(f"preparing the bundled sample into {directory}", file=sys.stderr)
-    demo.prepare_sample(pathlib.Path(directory))
+    sample.prepare_sample(pathlib.Path(directory))
 
 
-def _build(model_config: t5.T5Config, data_config: data_pipeline.DataConfig,
+def _build(model_config, data_config: data_pipeline.DataConfig,
            train_config: trainer.TrainConfig, optimizer_config, objective,
            extra_metadata: dict, hooks: Sequence = ()) -> trainer.Trainer:
     converter = data_pipeline.feature_converter(data_config.task, data_config.pack)
     lengths = converter.get_model_feature_lengths(dict(data_config.feature_lengths))
-    # The model family follows the config class (T5Config, BertConfig, ElectraConfig).
-    model, init_inputs = build_model(model_config)
+    family = models.family_for(model_config)
+    model, init_inputs = family.build(model_config)
+    objective = objective if objective is not None else family.default_objective()
+
+    def flops(run: trainer.Trainer) -> float:
+        # Loops XLA undercounts: measured on shallow unscanned probes.
+        return plan.probe_flops(model_config, run.optimizer_config, run.config,
+                                run.model_feature_lengths, list(run.mesh.devices.flat),
+                                run.objective)[1]
+
     return trainer.Trainer(
         model=model, objective=objective,
         optimizer_config=optimizer_config, config=train_config,
         model_feature_lengths=lengths,
         init_inputs=init_inputs,
-        extra_metadata=extra_metadata, hooks=hooks)
+        extra_metadata={"model_family": family.name, **extra_metadata}, hooks=hooks,
+        flops_fn=flops)
 
 
 @gin.configurable
-def train(model_config: t5.T5Config = gin.REQUIRED,
+def train(model_config=gin.REQUIRED,
           train_config: trainer.TrainConfig = gin.REQUIRED,
           data_config: data_pipeline.DataConfig = gin.REQUIRED,
           eval_data_config: Optional[data_pipeline.DataConfig] = None,
           optimizer_config: optimizers.OptimizerConfig = optimizers.OptimizerConfig(),
-          objective=objectives.EncDecObjective(),
+          objective=None,
           data_dir: Optional[str] = None,
           prepare_sample_if_missing: bool = False,
           kill_at_step: Optional[int] = None,
@@ -98,10 +106,6 @@ def train(model_config: t5.T5Config = gin.REQUIRED,
     ``hooks`` run after every step (``hook(step, state, writer)``), e.g.
     ``[@ProbeHook()]`` from ``gin/runs/probe_hook.gin``.
     """
-    import dataclasses
-
-    import jax
-
     trainer.maybe_initialize_distributed()
     _set_data_dir(data_dir)
     if prepare_sample_if_missing and jax.process_index() == 0:
@@ -138,24 +142,20 @@ def train(model_config: t5.T5Config = gin.REQUIRED,
 
 
 @gin.configurable
-def evaluate(model_config: t5.T5Config = gin.REQUIRED,
+def evaluate(model_config=gin.REQUIRED,
              train_config: trainer.TrainConfig = gin.REQUIRED,
              eval_data_config: data_pipeline.DataConfig = gin.REQUIRED,
              optimizer_config: optimizers.OptimizerConfig = optimizers.OptimizerConfig(),
-             objective=objectives.EncDecObjective(),
+             objective=None,
              data_dir: Optional[str] = None,
              step: Optional[int] = None,
              max_batches: Optional[int] = None) -> dict:
     """Evaluates a checkpoint of ``MODEL_DIR`` (latest unless ``step``)."""
-    import jax
-
-    from protlm_jax.checkpoints import Checkpointer
-
     trainer.maybe_initialize_distributed()
     _set_data_dir(data_dir)
     run = _build(model_config, eval_data_config, train_config, optimizer_config,
                  objective, {})
-    checkpointer = Checkpointer(train_config.model_dir, async_save=False)
+    checkpointer = checkpoints.Checkpointer(train_config.model_dir, async_save=False)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise ProtlmError(f"{train_config.model_dir}: no complete checkpoint to evaluate")
@@ -187,7 +187,7 @@ def plan_configs() -> tuple:
                           f"train.{missing[0]} is not bound (include gin/runs/pretrain.gin)")
     return (bindings["model_config"], bindings["train_config"], bindings["data_config"],
             bindings.get("optimizer_config", optimizers.OptimizerConfig()),
-            bindings.get("objective", objectives.EncDecObjective()))
+            bindings.get("objective"))
 
 
 def _write_text(path: str, text: str) -> None:

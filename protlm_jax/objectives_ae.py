@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from protlm_jax.objectives import finalize_metrics as base_finalize_metrics
 from protlm_jax.objectives import token_losses, weighted_sums
 
 
@@ -144,9 +145,7 @@ def finalize_metrics(sums: Mapping[str, Any]) -> dict[str, float]:
     ``objectives.finalize_metrics`` plus ``disc_loss``, ``disc_accuracy`` and
     ``replaced_fraction`` (of real tokens) for :class:`ElectraObjective` sums.
     """
-    from protlm_jax.objectives import finalize_metrics as base
-
-    out = base(sums)
+    out = base_finalize_metrics(sums)
     if "disc_weight" in sums:
         n = float(sums["disc_weight"])
         out["disc_loss"] = float(sums["disc_loss"]) / n if n else float("nan")

@@ -37,9 +37,7 @@ Usage (after the gin wrapper ``gin_config.plan_configs``)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import time
@@ -49,46 +47,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from protlm_jax import objectives, optimizers, partitioning, trainer
+from protlm_jax import models, optimizers, partitioning, trainer
+from protlm_jax.data import pipeline as data_pipeline
 from protlm_jax.errors import ProtlmError
-from protlm_jax.models import bert, build_model, electra, family_of, t5
 
-ModelConfig = Any  # t5.T5Config, bert.BertConfig or electra.ElectraConfig
-
-
-# ------------------------------------------------------------ model family ---
-
-def _towers(config: ModelConfig) -> Sequence[Any]:
-    """The configs holding dtype / remat (ELECTRA: discriminator, generator)."""
-    if isinstance(config, electra.ElectraConfig):
-        return (config.discriminator, config.generator)
-    return (config,)
+ModelConfig = Any  # any registered family's config
 
 
 def stack_depths(config: ModelConfig) -> tuple[int, ...]:
-    """Layers of each stack: T5 (encoder, decoder), ELECTRA (discriminator,
-    generator), BERT/ALBERT (layers,) (ALBERT counts applications of its
-    shared groups: the compute, not the parameters)."""
-    if isinstance(config, t5.T5Config):
-        return (config.num_encoder_layers, config.num_decoder_layers)
-    return tuple(c.num_hidden_layers for c in _towers(config))
+    """Layers of each stack (the family's ``stack_depths``: T5 (encoder,
+    decoder), ELECTRA (discriminator, generator), BERT/ALBERT (layers,);
+    ALBERT counts applications of its shared groups: the compute)."""
+    return tuple(models.family_for(config).stack_depths(config))
 
 
 def with_stack_depths(config: ModelConfig, depths: Sequence[int]) -> ModelConfig:
     """An unscanned copy of ``config`` with ``depths`` layers per stack (FLOP probes)."""
-    if isinstance(config, t5.T5Config):
-        return config.replace(scan_layers=False, num_encoder_layers=depths[0],
-                              num_decoder_layers=depths[1])
+    return models.family_for(config).with_stack_depths(config, depths)
 
-    def one(cfg: bert.BertConfig, n: int) -> bert.BertConfig:
-        # Every ALBERT layer costs the same whichever group it uses: one group.
-        groups = 1 if cfg.family == "albert" else cfg.num_hidden_groups
-        return cfg.replace(scan_layers=False, num_hidden_layers=n, num_hidden_groups=groups)
 
-    if isinstance(config, electra.ElectraConfig):
-        return config.replace(discriminator=one(config.discriminator, depths[0]),
-                              generator=one(config.generator, depths[1]))
-    return one(config, depths[0])
+def _towers(config: ModelConfig) -> Sequence[Any]:
+    """The configs holding dtype / remat / scan_layers."""
+    return models.family_for(config).towers(config)
 
 
 def _scanned(config: ModelConfig) -> bool:
@@ -96,54 +76,14 @@ def _scanned(config: ModelConfig) -> bool:
 
 
 def default_objective(config: ModelConfig) -> Any:
-    """The pretraining loss of the family (T5: encoder-decoder; BERT/ALBERT: MLM)."""
-    from protlm_jax import objectives_ae
-
-    if isinstance(config, t5.T5Config):
-        return objectives.EncDecObjective()
-    if isinstance(config, electra.ElectraConfig):
-        return objectives_ae.ElectraObjective()
-    return objectives_ae.MLMObjective()
-
-
-# ------------------------------------------------------------ abstract state ---
-
-def _with_sharding(shapes: Any, shardings: Any) -> Any:
-    """``ShapeDtypeStruct`` tree with each leaf's sharding attached."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    """The pretraining loss of the family (T5: encoder-decoder; BERT/ALBERT: MLM; …)."""
+    return models.family_for(config).default_objective()
 
 
 def abstract_train_state(run: trainer.Trainer) -> trainer.TrainState:
-    """The ``TrainState`` that ``run.init_state()`` would build, without arrays.
-
-    Args:
-      run: a ``Trainer`` (its model, optimizer, mesh and rules are used).
-
-    Returns:
-      A ``TrainState`` whose leaves are ``jax.ShapeDtypeStruct``s carrying the
-      ``NamedSharding``s the real state would have.
-    """
-    args = [jax.ShapeDtypeStruct((1, run.model_feature_lengths[k]), jnp.int32)
-            for k in run.init_inputs]
-
-    def init_params(rng, *a):
-        return run.model.init({"params": rng, "dropout": rng}, *a)["params"]
-
-    # Traced under the rules, like partitioning.sharded_init, so the logical
-    # constraints inside the model resolve against this mesh.
-    with partitioning.axis_rules(run.mesh, run.rules):
-        boxed = jax.eval_shape(init_params, jax.random.key(run.config.seed), *args)
-    param_shardings, param_shapes = partitioning.param_shardings(boxed, run.mesh, run.rules)
-    params = _with_sharding(param_shapes, param_shardings)
-
-    # The same explicit optimizer-state shardings as Trainer.init_state.
-    opt_shapes = jax.eval_shape(run.optimizer.init, params)
-    opt_shardings = run.opt_state_shardings(param_shapes, param_shardings)
-    opt_state = _with_sharding(opt_shapes, opt_shardings)
-    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    return trainer.TrainState(step=step, params=params, opt_state=opt_state)
+    """``run.abstract_state()``: the state ``init_state`` would build, as
+    sharded ``ShapeDtypeStruct``s (one function for the trainer and the plan)."""
+    return run.abstract_state()
 
 
 def bytes_per_device(tree: Any) -> int:
@@ -173,7 +113,7 @@ def _make_trainer(model_config: ModelConfig, optimizer_config: optimizers.Optimi
                   train_config: trainer.TrainConfig, model_feature_lengths: Mapping[str, int],
                   devices: Sequence[Any], objective: Any) -> trainer.Trainer:
     # The module and its init features follow the config class, as in training.
-    model, init_inputs = build_model(model_config)
+    model, init_inputs = models.build_model(model_config)
     return trainer.Trainer(
         model=model, objective=objective, optimizer_config=optimizer_config,
         config=train_config, model_feature_lengths=model_feature_lengths,
@@ -311,7 +251,7 @@ def plan(model_config: ModelConfig, optimizer_config: optimizers.OptimizerConfig
         "mesh": {"data": data, "model": model},
         "devices": needed,
         "rule_set": rule_set,
-        "family": family_of(model_config),
+        "family": models.family_for(model_config).name,
         "dtype": "/".join(sorted({c.dtype for c in _towers(model_config)})),
         "scan_layers": _scanned(model_config),
         "remat_policy": "/".join(sorted({c.remat_policy for c in _towers(model_config)})),
@@ -477,35 +417,6 @@ def _parse_mesh(text: str, flag: str) -> tuple[int, int]:
     return data, model
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds ``protlm plan``'s own options (gin options are the caller's).
-
-    Args:
-      parser: the ``plan`` subcommand's parser.
-    """
-    parser.add_argument("--mesh", default=None, metavar="DATAxMODEL",
-                        help="mesh to compile for (default: all devices, the gin "
-                        "MODEL_PARALLEL_SIZE on the model axis); on a CPU host the "
-                        "devices are simulated")
-    parser.add_argument("--peak_tflops", type=float, default=None, metavar="T",
-                        help="peak TFLOP/s per device (default: the gin "
-                        "PEAK_FLOPS_PER_DEVICE), e.g. 61.5 for a TPU v3 core")
-    parser.add_argument("--mfu", type=float, default=0.5,
-                        help="assumed FLOP utilisation for the expected time (default 0.5)")
-    parser.add_argument("--batch_per_data_shard", type=int, default=None, metavar="N",
-                        help="rows per data shard; the global batch becomes N x data "
-                        "(default: the gin BATCH_SIZE)")
-    parser.add_argument("--target_mesh", default=None, metavar="DATAxMODEL",
-                        help="also report throughput on this mesh (same model axis, "
-                        "same rows per data shard), e.g. 128x8")
-    parser.add_argument("--rule_set", default=None, choices=("1d", "2d"),
-                        help="logical-axis rules (default: the gin TrainConfig.rule_set)")
-    parser.add_argument("--no_flop_probes", action="store_true",
-                        help="report XLA's FLOPs as compiled, even when scanned "
-                        "loops make them an undercount")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
 def configure_host_devices(count: int) -> None:
     """Makes the CPU platform offer ``count`` devices if jax has not started.
 
@@ -523,46 +434,51 @@ def configure_host_devices(count: int) -> None:
             f"{flags} --xla_force_host_platform_device_count={count}").strip()
 
 
-def run(args: argparse.Namespace, configs: Sequence[Any]) -> dict:
-    """``protlm plan``: the configs of a gin ``train`` run → printed plan.
+def plan_configs(configs: Sequence[Any], *, mesh: Optional[str] = None,
+                 peak_tflops: Optional[float] = None, mfu: float = 0.5,
+                 batch_per_data_shard: Optional[int] = None, target_mesh: Optional[str] = None,
+                 rule_set: Optional[str] = None, flop_probes: bool = True) -> dict:
+    """:func:`plan` for the configs of a gin ``train`` run (``protlm plan``).
 
     Args:
-      args: parsed options (``add_arguments``).
       configs: ``(model_config, train_config, data_config, optimizer_config,
         objective)`` as the gin wrapper reads them from ``train``'s bindings;
         the last two may be missing (defaults).
+      mesh: "DATAxMODEL" to compile for (default: all devices, the train
+        config's model axis); on a CPU host the devices are simulated.
+      peak_tflops: peak TFLOP/s per device (default: the train config's).
+      mfu: assumed FLOP utilisation for the expected time.
+      batch_per_data_shard: rows per data shard (the global batch becomes
+        N x data; default the train config's batch).
+      target_mesh: "DATAxMODEL" to also report throughput on.
+      rule_set: "1d" or "2d" (default the train config's).
+      flop_probes: measure FLOPs on unscanned probes when loops undercount.
 
     Returns:
-      The ``plan`` result (also printed, as a table or with ``--json``).
+      The ``plan`` result.
     """
-    from protlm_jax import data_pipeline
-
     model_config, train_config, data_config, *rest = configs
     optimizer_config = rest[0] if rest else optimizers.OptimizerConfig()
     objective = rest[1] if len(rest) > 1 else None
-    if args.mesh:
-        mesh = _parse_mesh(args.mesh, "--mesh")
-        configure_host_devices(mesh[0] * mesh[1])
+    if mesh:
+        shape = _parse_mesh(mesh, "--mesh")
+        configure_host_devices(shape[0] * shape[1])
     else:
         model = train_config.model_parallel_size
-        mesh = (len(jax.devices()) // model, model)
-    if args.batch_per_data_shard:
-        train_config = dataclasses.replace(
-            train_config, batch_size=args.batch_per_data_shard * mesh[0])
+        shape = (len(jax.devices()) // model, model)
+    if batch_per_data_shard:
+        train_config = dataclasses.replace(train_config,
+                                           batch_size=batch_per_data_shard * shape[0])
     target = None
-    if args.target_mesh:
-        target_data, target_model = _parse_mesh(args.target_mesh, "--target_mesh")
-        if target_model != mesh[1]:
-            raise ProtlmError(f"--target_mesh {args.target_mesh}: its model axis must equal "
-                              f"the compiled mesh's ({mesh[1]})")
+    if target_mesh:
+        target_data, target_model = _parse_mesh(target_mesh, "--target_mesh")
+        if target_model != shape[1]:
+            raise ProtlmError(f"--target_mesh {target_mesh}: its model axis must equal "
+                              f"the compiled mesh's ({shape[1]})")
         target = target_data
-    peak = (args.peak_tflops * 1e12 if args.peak_tflops is not None
-            else train_config.peak_flops_per_device)
+    peak = peak_tflops * 1e12 if peak_tflops is not None else train_config.peak_flops_per_device
     converter = data_pipeline.feature_converter(data_config.task, data_config.pack)
     lengths = converter.get_model_feature_lengths(dict(data_config.feature_lengths))
-    result = plan(model_config, optimizer_config, train_config, lengths, mesh, peak,
-                  args.rule_set or train_config.rule_set, assumed_mfu=args.mfu,
-                  objective=objective, target_data_parallelism=target,
-                  correct_loop_flops=not args.no_flop_probes)
-    print(json.dumps(result, indent=1) if args.json else format_plan(result))
-    return result
+    return plan(model_config, optimizer_config, train_config, lengths, shape, peak,
+                rule_set or train_config.rule_set, assumed_mfu=mfu, objective=objective,
+                target_data_parallelism=target, correct_loop_flops=flop_probes)

@@ -26,12 +26,13 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from protlm_jax import partitioning
+from protlm_jax import checkpoints, host_memory, optimizers, partitioning
 from protlm_jax.errors import ProtlmError
 from protlm_jax.objectives import finalize_metrics
 
@@ -175,6 +176,12 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def _with_sharding(shapes: Any, shardings: Any) -> Any:
+    """``ShapeDtypeStruct`` tree with each leaf's sharding attached."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def _dummy_batch(feature_lengths: Mapping[str, int], rows: int) -> dict[str, np.ndarray]:
     return {k: np.zeros((rows, n), np.int32) for k, n in feature_lengths.items()}
 
@@ -196,14 +203,15 @@ class Trainer:
       hooks: callables ``hook(step, state, writer)`` run after every step
         (after logging, checkpointing and evaluation); each decides itself
         when to act, e.g. ``probes.hook.ProbeHook`` every ``period`` steps.
+      flops_fn: ``(trainer) -> global FLOPs of one step`` for steps whose loops XLA
+        undercounts (scanned layers, microbatches); used for MFU logging.
     """
 
     def __init__(self, *, model, objective, optimizer_config, config: TrainConfig,
                  model_feature_lengths: Mapping[str, int], init_inputs: tuple[str, ...],
                  extra_metadata: Optional[dict] = None, log=sys.stdout,
-                 devices: Optional[list] = None, hooks: Sequence[Callable] = ()):
-        from protlm_jax import host_memory, optimizers
-
+                 devices: Optional[list] = None, hooks: Sequence[Callable] = (),
+                 flops_fn: Optional[Callable[["Trainer"], float]] = None):
         # CPU hosts: reuse freed heap blocks instead of page-faulting fresh
         # mmaps on every step (see host_memory; PROTLM_MALLOC_TUNING=0 opts out).
         host_memory.retain_freed_memory()
@@ -228,26 +236,55 @@ class Trainer:
         self._train_fn = None
         self._eval_fn = None
         self.hooks = tuple(hooks)
+        self.flops_fn = flops_fn
 
     # --- state -------------------------------------------------------------
+
+    def abstract_state(self) -> TrainState:
+        """The ``TrainState`` :meth:`init_state` builds, without arrays.
+
+        Its leaves are ``jax.ShapeDtypeStruct``s carrying the ``NamedSharding``s
+        of the real state: parameters from ``eval_shape(model.init)`` under the
+        logical rules, the optimizer state from ``eval_shape(optimizer.init)``
+        with :meth:`opt_state_shardings`. ``init_state`` places its arrays
+        with exactly these; ``protlm plan`` compiles on them.
+        """
+        dummy = _dummy_batch(self.model_feature_lengths, 1)
+        args = [jax.ShapeDtypeStruct(dummy[k].shape, jnp.int32) for k in self.init_inputs]
+
+        def init_params(rng, *a):
+            return self.model.init({"params": rng, "dropout": rng}, *a)["params"]
+
+        # Traced under the rules, like partitioning.sharded_init, so the logical
+        # constraints inside the model resolve against this mesh.
+        with partitioning.axis_rules(self.mesh, self.rules):
+            boxed = jax.eval_shape(init_params, jax.random.key(self.config.seed), *args)
+        param_shardings, param_shapes = partitioning.param_shardings(boxed, self.mesh,
+                                                                     self.rules)
+        params = _with_sharding(param_shapes, param_shardings)
+        opt_shapes = jax.eval_shape(self.optimizer.init, params)
+        opt_state = _with_sharding(opt_shapes,
+                                   self.opt_state_shardings(param_shapes, param_shardings))
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+        return TrainState(step=step, params=params, opt_state=opt_state)
 
     def init_state(self) -> TrainState:
         """Sharded initialisation: nothing is materialised on one device first."""
         rng = jax.random.key(self.config.seed)
         dummy = _dummy_batch(self.model_feature_lengths, 1)
         args = [jnp.asarray(dummy[k]) for k in self.init_inputs]
+        abstract = self.abstract_state()
 
         def init_params(rng):
-            return self.model.init({"params": rng, "dropout": rng}, *args)["params"]
+            return flax.linen.meta.unbox(
+                self.model.init({"params": rng, "dropout": rng}, *args)["params"])
 
-        params, param_shardings = partitioning.sharded_init(
-            init_params, self.mesh, self.rules, rng)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        opt_shardings = self.opt_state_shardings(abstract, param_shardings)
-        opt_state = jax.jit(self.optimizer.init, in_shardings=(param_shardings,),
-                            out_shardings=opt_shardings)(params)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        step = jax.device_put(jnp.zeros([], jnp.int32), replicated)
+        with partitioning.axis_rules(self.mesh, self.rules):
+            params = jax.jit(init_params, out_shardings=self.shardings_of(abstract.params))(rng)
+        opt_state = jax.jit(self.optimizer.init, in_shardings=(self.shardings_of(params),),
+                            out_shardings=self.shardings_of(abstract.opt_state))(params)
+        step = jax.device_put(jnp.zeros([], jnp.int32), abstract.step.sharding)
         return TrainState(step=step, params=params, opt_state=opt_state)
 
     def opt_state_shardings(self, abstract_params, param_shardings):
@@ -317,17 +354,16 @@ class Trainer:
         """FLOPs of one train step (global) from XLA's cost analysis.
 
         XLA counts a loop body once, so with scanned layers or microbatches the
-        count comes from shallow unscanned probes extrapolated in depth
-        (``plan.probe_flops``).
+        count is what ``flops_fn`` (given at construction; ``plan.probe_flops``
+        through the gin wrapper) measures on shallow unscanned probes; without
+        one it is 0 (unknown) rather than an undercount.
         """
         model_config = getattr(self.model, "config", None)
         if self.config.microbatches > 1 or getattr(model_config, "scan_layers", False):
-            from protlm_jax import plan
-
+            if self.flops_fn is None:
+                return 0.0
             try:
-                return plan.probe_flops(model_config, self.optimizer_config, self.config,
-                                        self.model_feature_lengths,
-                                        list(self.mesh.devices.flat), self.objective)[1]
+                return float(self.flops_fn(self))
             except Exception:  # best-effort, like the plain analysis below
                 return 0.0
         batch = {k: jax.ShapeDtypeStruct((self.config.batch_size, n), jnp.int32)
@@ -385,10 +421,9 @@ class Trainer:
         """
         from clu import metric_writers
 
-        from protlm_jax.checkpoints import Checkpointer
 
         cfg = self.config
-        checkpointer = Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints,
+        checkpointer = checkpoints.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints,
                                     async_save=cfg.async_checkpoints)
         writer = metric_writers.create_default_writer(
             os.path.join(cfg.model_dir, "train"), just_logging=not self.is_chief)

@@ -7,7 +7,7 @@ For each corpus in :data:`CORPORA` and each objective:
   ``{corpus}_mlm``                  BERT MLM with the ProtBert vocabulary (15 %, 80/10/10)
 
 Shards are read from ``$PROTLM_DATA_DIR/{corpus}`` (see
-``protlm_jax.data_sources``). Rare residues become X, then the sequence is
+``protlm_jax.data.sources``). Rare residues become X, then the sequence is
 tokenized; a ``seqio.CacheDatasetPlaceholder`` follows, so ``seqio_cache_tasks``
 caches the deterministic part and cropping and masking stay random per epoch.
 Long sequences are cropped to a random window of the feature length.
@@ -17,9 +17,9 @@ import functools
 
 import seqio
 
-from protlm_jax import preprocessors as pp
-from protlm_jax.data_sources import corpus_source
-from protlm_jax.vocabularies import ProtBertVocabulary, ProtT5Vocabulary
+from protlm_jax.data import preprocessors as pp
+from protlm_jax.data.sources import corpus_source
+from protlm_jax.data.vocabularies import ProtBertVocabulary, ProtT5Vocabulary
 
 # uniprot20k: the 20,000 UniProtKB records `protlm data fetch` obtains (prepared
 # with `protlm prepare`, e.g. with `--exclude` of the probe test sets).

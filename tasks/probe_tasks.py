@@ -13,22 +13,20 @@
 
 Labels are per residue of the *sequence* (``inputs`` has one more token, the
 ``</s>``). Data come from ``protlm data fetch`` (``data/fetched``, or
-``$PROTLM_FETCHED_DIR``), loaded once per process when a dataset is first
+``fetched/`` of the data root: ``protlm_jax.data.locations``), loaded once per process when a dataset is first
 built. Nothing is cropped: embedding pipelines need whole proteins.
 """
 
 import functools
-import os
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from protlm_jax import preprocessors as pp
+from protlm_jax.data import preprocessors as pp
 from protlm_jax.probes import datasets
-from protlm_jax.vocabularies import ProtT5Vocabulary
+from protlm_jax.data.vocabularies import ProtT5Vocabulary
 
-FETCHED_DIR_ENV = "PROTLM_FETCHED_DIR"
 SPLITS = ("train", "validation", "test")
 
 _VOCAB = ProtT5Vocabulary()
@@ -41,7 +39,7 @@ def _load(spec: str, data_dir: str) -> datasets.ProbeTask:
 
 
 def _split(spec: str, split: str):
-    task = _load(spec, os.environ.get(FETCHED_DIR_ENV) or datasets.default_data_dir())
+    task = _load(spec, datasets.default_data_dir())
     if split == "train":
         return task.train
     if split == "validation":

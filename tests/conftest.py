@@ -16,6 +16,10 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The library registers no seqio tasks itself (the entry points import
+# protlm_tasks); tests that read the pipeline need them registered.
+import protlm_tasks  # noqa: E402,F401
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "uniprot_sample.fasta.gz"
 UNIPROT20K = REPO / "data" / "fetched" / "uniprot20k" / "DB.fasta.gz"
@@ -66,11 +70,16 @@ def prepared_sample(tmp_path_factory):
 
     Returns the data dir; ``PROTLM_DATA_DIR`` points there for the session.
     """
-    from protlm_jax import prepare
+    from protlm_jax.data import prepare
 
     root = tmp_path_factory.mktemp("prepared")
     stats = prepare.run(prepare.PrepareConfig(
         inputs=(str(SAMPLE),), output=str(root / "uniprot_sample"), num_shards=4,
         validation_fraction=0.05, progress=False))
+    # The data root of the session from here on: the fetched sets stay where
+    # `make data` put them.
+    fetched = REPO / "data" / "fetched"
+    if fetched.is_dir():
+        (root / "fetched").symlink_to(fetched, target_is_directory=True)
     os.environ["PROTLM_DATA_DIR"] = str(root)
     return root, stats

@@ -14,10 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from protlm_jax import data_pipeline, hf_bert, objectives_ae, optimizers, partitioning, trainer
+from protlm_jax import objectives_ae, optimizers, partitioning, trainer
+from protlm_jax.hf import bert as hf_bert
+from protlm_jax.hf import tokenizers as hf_tokenizers
+from protlm_jax.data import pipeline as data_pipeline
 from protlm_jax.errors import ProtlmError
 from protlm_jax.models import bert, build_model, electra
-from protlm_jax.vocabularies import ProtBertVocabulary
+from protlm_jax.data.vocabularies import ProtBertVocabulary
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -128,7 +131,8 @@ def test_ours_to_hugging_face_equal(tmp_path, batch, name, tower, head_cls, base
     keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
     params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
                                        for x, k in zip(leaves, keys)])
-    out = hf_bert.save_pretrained(params, cfg, str(tmp_path / "hf"), tower=tower or "discriminator")
+    out = hf_bert.save_pretrained(params, cfg, str(tmp_path / "hf"),
+                                  tower=tower or "discriminator")["directory"]
     hidden, logits = _ours(cfg, tower, params, ids)
     mask = torch.tensor(real.astype(np.int64))
     with torch.no_grad():
@@ -142,7 +146,7 @@ def test_ours_to_hugging_face_equal(tmp_path, batch, name, tower, head_cls, base
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     enc = tokenizer([" ".join(s) for s in seqs], return_tensors="pt", padding=True)
     np.testing.assert_array_equal(enc["input_ids"].numpy(), ids[:, :enc["input_ids"].shape[1]])
-    imported = hf_bert.load_pretrained(out)
+    imported = hf_bert.load(out)
     assert imported.vocabulary.encode(seqs[0]) == VOCAB.encode(seqs[0])
     with torch.no_grad():
         per_residue = base(**enc).last_hidden_state.numpy()
@@ -156,13 +160,13 @@ def test_imported_model_keeps_its_own_vocabulary(tmp_path, batch):
     """Another residue order in vocab.txt: our tokenization follows the file, as HF's does."""
     seqs, _, _ = batch
     cfg = bert.preset("prot_bert_tiny")
-    out = hf_bert.save_pretrained(_init(cfg), cfg, str(tmp_path / "hf"))
-    tokens = hf_bert.protbert_vocab_tokens()
+    out = hf_bert.save_pretrained(_init(cfg), cfg, str(tmp_path / "hf"))["directory"]
+    tokens = hf_tokenizers.protbert_vocab_tokens()
     tokens = tokens[:5] + tokens[5:][::-1]  # residues in reverse order
     with open(os.path.join(out, "vocab.txt"), "w") as f:
         f.write("\n".join(tokens) + "\n")
     tokenizer = transformers.BertTokenizer.from_pretrained(out, do_lower_case=False)
-    vocab = hf_bert.load_pretrained(out).vocabulary
+    vocab = hf_bert.load(out).vocabulary
     for s in seqs:
         hf_ids = tokenizer(" ".join(s))["input_ids"]
         assert hf_ids == [vocab.CLS_ID] + vocab.encode(s) + [vocab.SEP_ID]
@@ -340,7 +344,8 @@ def test_electra_sampling_passes_no_gradient_to_the_generator(batch):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     cfg = bert.preset("prot_bert_tiny")
-    return hf_bert.save_pretrained(_init(cfg), cfg, str(tmp_path_factory.mktemp("e") / "hf"))
+    return hf_bert.save_pretrained(_init(cfg), cfg,
+                                   str(tmp_path_factory.mktemp("e") / "hf"))["directory"]
 
 
 def _copy_with(src, dst, tensors=None, config=None):
@@ -358,37 +363,40 @@ def _copy_with(src, dst, tensors=None, config=None):
 
 @pytest.mark.parametrize("edit,match", [
     (dict(tensors=lambda t: {k: v for k, v in t.items() if "layer.1.output.dense" not in k}),
-     r"missing tensor for encoder/layers_1/mlp/wo"),
+     r"missing tensors: .*encoder\.layer\.1\.output\.dense\.weight"),
     (dict(tensors=lambda t: {**t, "bert.encoder.layer.0.intermediate.dense.weight":
                              np.zeros((7, 64), np.float32)}),
-     r"'bert.encoder.layer.0.intermediate.dense.weight' has shape \(7, 64\), "
-     r"config.json implies \(128, 64\)"),
+     r"wrong shapes: bert\.encoder\.layer\.0\.intermediate\.dense\.weight \[7, 64\] "
+     r"\(config: \[128, 64\]\)"),
     (dict(tensors=lambda t: {**t, "bert.encoder.layer.0.attention.self.rotary.weight":
                              np.zeros((2,), np.float32)}),
-     r"unexpected tensor 'bert.encoder.layer.0.attention.self.rotary.weight'"),
+     r"tensors this bert does not model: "
+     r"bert\.encoder\.layer\.0\.attention\.self\.rotary\.weight"),
     (dict(tensors=lambda t: {**t, "cls.predictions.decoder.weight":
                              np.ones((30, 64), np.float32)}),
-     r"differs from the word embeddings"),
+     r"cls\.predictions\.decoder\.weight \(differs from "
+     r"bert\.embeddings\.word_embeddings\.weight"),
     (dict(config=lambda c: {**c, "position_embedding_type": "relative_key"}),
      r"unsupported bert config: position_embedding_type 'relative_key'"),
     (dict(config=lambda c: {**c, "model_type": "roberta"}), r"model_type 'roberta'"),
-    (dict(config=lambda c: {**c, "num_hidden_layers": 3}), r"missing tensor for encoder/layers_2"),
+    (dict(config=lambda c: {**c, "num_hidden_layers": 3}),
+     r"missing tensors: encoder\.layer\.2\.attention\.output\.LayerNorm\.bias, "),
 ])
 def test_bad_checkpoints_give_one_line_errors(tmp_path, exported, edit, match):
     bad = _copy_with(exported, str(tmp_path / "bad"), **edit)
     with pytest.raises(ProtlmError, match=match) as info:
-        hf_bert.load_pretrained(bad)
+        hf_bert.load(bad)
     assert "\n" not in str(info.value) and str(info.value).startswith(bad)
 
 
 def test_missing_weights_and_config_are_reported(tmp_path, exported):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ProtlmError, match="config.json: not found"):
-        hf_bert.load_pretrained(str(tmp_path / "empty"))
+        hf_bert.load(str(tmp_path / "empty"))
     with open(tmp_path / "empty" / "config.json", "w") as f:
         f.write(open(os.path.join(exported, "config.json")).read())
     with pytest.raises(ProtlmError, match="no model.safetensors"):
-        hf_bert.load_pretrained(str(tmp_path / "empty"))
+        hf_bert.load(str(tmp_path / "empty"))
 
 
 def test_pytorch_bin_is_read_with_weights_only(tmp_path, exported, batch):
@@ -400,7 +408,7 @@ def test_pytorch_bin_is_read_with_weights_only(tmp_path, exported, batch):
     torch.save(hf.state_dict(), d / "pytorch_model.bin")
     with open(d / "config.json", "w") as f:
         f.write(open(os.path.join(exported, "config.json")).read())
-    imported = hf_bert.load_pretrained(str(d))
+    imported = hf_bert.load(str(d))
     assert not imported.has_head
     ours = imported.encode(jnp.asarray(ids))
     with torch.no_grad():

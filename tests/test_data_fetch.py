@@ -1,4 +1,4 @@
-"""Offline tests for ``protlm_jax.data_fetch`` and the committed real sample.
+"""Offline tests for ``protlm_jax.data.fetch`` and the committed real sample.
 
 No test touches a registry: the downloader is replaced by functions that copy
 small packages built here (a fake wheel and a fake .deb with the real member
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from protlm_jax import data_fetch
+from protlm_jax.cli import data as data_cmd
+from protlm_jax.data import fetch as data_fetch
 from protlm_jax.errors import ProtlmError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,7 +308,7 @@ def test_deb_extraction(tmp_path, use_dpkg):
 def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys, wheel_ds):
     ds, whl = wheel_ds
     parser = argparse.ArgumentParser()
-    data_fetch.add_arguments(parser)
+    data_cmd.add_arguments(parser)
 
     args = parser.parse_args([])
     assert data_fetch.resolve_names(args.dataset) == ["uniprot20k"]
@@ -321,23 +322,25 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys, wheel_ds):
     with pytest.raises(ProtlmError, match="unknown dataset 'nope'"):
         data_fetch.resolve_names(["nope"])
 
-    monkeypatch.delenv("PROTLM_DATA_ROOT", raising=False)
+    # fetched/ of the one data root: $PROTLM_DATA_DIR, else data/ (run from the repo).
+    monkeypatch.delenv("PROTLM_DATA_DIR", raising=False)
+    monkeypatch.chdir(REPO)
     assert data_fetch.default_data_dir() == os.path.join("data", "fetched")
-    monkeypatch.setenv("PROTLM_DATA_ROOT", str(tmp_path / "root"))
-    assert data_fetch.default_data_dir() == str(tmp_path / "root")
+    monkeypatch.setenv("PROTLM_DATA_DIR", str(tmp_path / "root"))
+    assert data_fetch.default_data_dir() == str(tmp_path / "root" / "fetched")
 
     # run() takes the table names from argparse; the fake set is in the table
     # (fixture), so pass it directly rather than through choices.
     monkeypatch.setattr(data_fetch, "download", _copying_downloader(whl))
     ns = argparse.Namespace(dataset=[ds.name], data_dir=None, force=False)
-    assert data_fetch.run(ns) == 0
-    assert data_fetch.run(ns) == 0
+    assert data_cmd.run(ns) == 0
+    assert data_cmd.run(ns) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     total = sum(len(v) for v in WHEEL_MEMBERS.values())
     for line, status in zip(lines, ["fetched", "cached"]):
         fields = line.split("\t")
-        assert fields[:3] == [ds.name, status, str(tmp_path / "root" / ds.name)]
+        assert fields[:3] == [ds.name, status, str(tmp_path / "root" / "fetched" / ds.name)]
         assert fields[3].startswith(f"{total} bytes")
 
 

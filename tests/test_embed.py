@@ -22,9 +22,11 @@ import transformers
 from conftest import read_sample_records
 # Imported before any capsys test: the Trainer binds sys.stdout as its default
 # log at import, and a capsys stream is closed after its test.
-from protlm_jax import cli, embed, hf_t5, layers, partitioning, trainer  # noqa: F401
+from protlm_jax import cli, embed, partitioning, trainer  # noqa: F401
+from protlm_jax.hf import t5 as hf_t5
+from protlm_jax.models import layers
 from protlm_jax.models import t5
-from protlm_jax.vocabularies import ProtT5Vocabulary
+from protlm_jax.data.vocabularies import ProtT5Vocabulary
 
 TINY = t5.preset("prot_t5_tiny")
 
@@ -54,7 +56,7 @@ def tiny_params():
 @pytest.fixture(scope="module")
 def embedder(tiny_params):
     # Default mesh: the 8 simulated devices on the data axis.
-    return embed.Embedder("t5", TINY, tiny_params, ProtT5Vocabulary())
+    return embed.Embedder(TINY, tiny_params, ProtT5Vocabulary())
 
 
 def _direct(params, seq, config=TINY):
@@ -89,7 +91,7 @@ def test_alone_equals_inside_a_padded_bucketed_batch(embedder, records):
 def test_with_params_embeds_other_weights_on_the_same_programs(embedder, records):
     chosen = _in_one_bucket(records, 4)
     other = t5.T5EncoderOnly(TINY).init(jax.random.PRNGKey(7), jnp.ones((1, 8), jnp.int32))
-    fresh = dict(embed.Embedder("t5", TINY, other["params"]).embed(chosen, per_protein=True))
+    fresh = dict(embed.Embedder(TINY, other["params"]).embed(chosen, per_protein=True))
     dict(embedder.embed(chosen, per_protein=True))  # compiles this shape once
     compiled = len(embedder._fns)
     moved = embedder.with_params(other)
@@ -117,8 +119,8 @@ def test_per_residue_drops_eos_and_per_protein_is_the_mean_over_residues(
 def test_layers_follow_hugging_face_hidden_states(records):
     torch.manual_seed(0)
     hf = transformers.T5EncoderModel(hf_t5.hf_config_from_t5config(TINY)).eval()
-    params = hf_t5.params_from_hf_state_dict(hf.state_dict(), TINY, encoder_only=True)
-    embedder = embed.Embedder("t5", TINY, params, ProtT5Vocabulary(), _one_device_mesh())
+    params = hf_t5.params_from_state_dict(hf.state_dict(), TINY, encoder_only=True)
+    embedder = embed.Embedder(TINY, params, ProtT5Vocabulary(), _one_device_mesh())
     chosen = _in_one_bucket(records, 4)
     out = dict(embedder.embed(chosen, layers=(0, 1, -1)))
     vocab = ProtT5Vocabulary()
@@ -170,9 +172,9 @@ def test_query_blocked_attention_equals_one_softmax(bias_kind):
 
 def test_embedder_switches_to_chunks_and_stays_exact(tiny_params, records):
     chosen = _in_one_bucket(records, 6)
-    plain = embed.Embedder("t5", TINY, tiny_params, mesh=_one_device_mesh())
+    plain = embed.Embedder(TINY, tiny_params, mesh=_one_device_mesh())
     # Buckets above 64 tokens run in 48-token attention / 64-position MLP blocks.
-    chunked = embed.Embedder("t5", TINY, tiny_params, mesh=_one_device_mesh(),
+    chunked = embed.Embedder(TINY, tiny_params, mesh=_one_device_mesh(),
                              long_length=64, attention_chunk_size=48, mlp_chunk_size=64)
     a, b = dict(plain.embed(chosen)), dict(chunked.embed(chosen))
     assert any(key[0] for key in chunked._fns) and not any(key[0] for key in plain._fns)
@@ -207,7 +209,7 @@ def test_35000_residue_protein_embeds_in_full(records):
     # shows that the whole length runs (memory is asserted above).
     cfg = TINY.replace(num_encoder_layers=1, num_heads=1)
     params = t5.T5EncoderOnly(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))
-    embedder = embed.Embedder("t5", cfg, params["params"], mesh=_one_device_mesh())
+    embedder = embed.Embedder(cfg, params["params"], mesh=_one_device_mesh())
     (ident, emb), = embedder.embed([("titin_sized", seq)], per_protein=False)
     assert ident == "titin_sized" and emb.shape == (35_000, cfg.d_model)
     assert np.isfinite(emb).all()

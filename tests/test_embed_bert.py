@@ -22,11 +22,13 @@ import transformers
 
 from conftest import read_sample_records
 # Imported before any capsys test (the Trainer binds sys.stdout at import).
-from protlm_jax import cli, embed, hf_bert, partitioning, trainer  # noqa: F401
+from protlm_jax import cli, embed, partitioning, trainer  # noqa: F401
+from protlm_jax.hf import bert as hf_bert
+from protlm_jax.hf import tokenizers as hf_tokenizers
 from protlm_jax.checkpoints import Checkpointer
 from protlm_jax.errors import ProtlmError
 from protlm_jax.models import bert, electra
-from protlm_jax.vocabularies import ProtBertVocabulary
+from protlm_jax.data.vocabularies import ProtBertVocabulary
 
 TOL = 1e-5
 CONFIGS = {
@@ -109,7 +111,7 @@ def test_layers_and_prottrans_snippet_match_transformers(family, records, tmp_pa
     assert cli.main(["export-hf", "--model", model_dir, "--output", out]) == 0
     embedder = embed.load_model(out)
     n = embedder.num_layers
-    assert embedder.family == family
+    assert embedder.family.name == family
     ours = dict(embedder.embed(records, layers=list(range(n + 1))))
     # `protlm embed`'s loader on the MODEL_DIR itself gives the same arrays.
     from_model_dir = dict(embed.load_model(model_dir).embed(records))
@@ -137,8 +139,8 @@ def test_imported_vocabulary_drives_tokenization(records, tmp_path):
     together) embeds exactly like the original: the file's ids are used."""
     cfg = CONFIGS["bert"]
     params = _params(cfg)
-    plain = hf_bert.save_pretrained(params, cfg, str(tmp_path / "plain"))
-    tokens = hf_bert.protbert_vocab_tokens()
+    plain = hf_bert.save_pretrained(params, cfg, str(tmp_path / "plain"))["directory"]
+    tokens = hf_tokenizers.protbert_vocab_tokens()
     order = list(range(5)) + list(range(len(tokens) - 1, 4, -1))  # residues reversed
     permuted = jax.tree.map(lambda x: x, params)
     table = params["embeddings"]["word_embeddings"]["embedding"]
@@ -148,7 +150,7 @@ def test_imported_vocabulary_drives_tokenization(records, tmp_path):
     bias = np.asarray(params["mlm_head"]["bias"]).copy()
     bias[:len(order)] = np.asarray(params["mlm_head"]["bias"])[order]
     permuted["mlm_head"]["bias"] = jnp.asarray(bias)
-    other = hf_bert.save_pretrained(permuted, cfg, str(tmp_path / "permuted"))
+    other = hf_bert.save_pretrained(permuted, cfg, str(tmp_path / "permuted"))["directory"]
     with open(os.path.join(other, "vocab.txt"), "w") as f:
         f.write("\n".join(tokens[i] for i in order) + "\n")
     want = dict(embed.load_model(plain).embed(records))
@@ -156,7 +158,7 @@ def test_imported_vocabulary_drives_tokenization(records, tmp_path):
     for ident, _ in records:
         np.testing.assert_allclose(got[ident], want[ident], atol=TOL, rtol=0)
     # Read with ProtBert's own ids instead, the permuted weights give other vectors.
-    wrong = dict(embed.Embedder(None, cfg, permuted).embed(records[:1]))
+    wrong = dict(embed.Embedder(cfg, permuted).embed(records[:1]))
     assert np.abs(wrong[records[0][0]] - want[records[0][0]]).max() > 1e-3
 
 
@@ -172,14 +174,14 @@ def test_batched_equals_alone_and_means_skip_specials(family):
     recs = [(f"r{i}", seq[:n]) for i, ((_, seq), n)
             in enumerate(zip(read_sample_records(limit=60)[10:17], crops))]
     assert len({embed.bucket_length(len(s) + 2) for _, s in recs}) == 3
-    embedder = embed.Embedder(None, cfg, params)
+    embedder = embed.Embedder(cfg, params)
     tower = cfg if family != "electra" else cfg.discriminator
     direct_params = params if family != "electra" else {
         "embeddings": params["embeddings"], **params["discriminator"]}
     residues = dict(embedder.embed(recs, token_budget=64))
     means = dict(embedder.embed(recs, per_protein=True, token_budget=64))
     # 256-token batches in groups of <= 32 tokens (lax.map over groups).
-    grouped = embed.Embedder(None, cfg, params, mesh=_one_device_mesh(), group_tokens=32)
+    grouped = embed.Embedder(cfg, params, mesh=_one_device_mesh(), group_tokens=32)
     in_groups = dict(grouped.embed(recs, token_budget=256))
     assert any(rows > max(1, 32 // bucket)
                for bucket, rows, _ in grouped._plan(
@@ -197,8 +199,8 @@ def test_long_protein_chunked_attention_is_exact():
     params = _params(cfg, seed=5)
     longest = max((s for _, s in read_sample_records(limit=300)), key=len)[:600]
     recs = [("long", longest), ("short", longest[:50])]
-    plain = dict(embed.Embedder(None, cfg, params, mesh=_one_device_mesh()).embed(recs))
-    chunked_embedder = embed.Embedder(None, cfg, params, mesh=_one_device_mesh(),
+    plain = dict(embed.Embedder(cfg, params, mesh=_one_device_mesh()).embed(recs))
+    chunked_embedder = embed.Embedder(cfg, params, mesh=_one_device_mesh(),
                                       long_length=128, attention_chunk_size=64)
     chunked = dict(chunked_embedder.embed(recs))
     assert any(key[0] for key in chunked_embedder._fns)  # the chunked program ran
@@ -214,7 +216,7 @@ def test_learned_positions_bound_the_length():
     seq = max((s for _, s in read_sample_records(limit=300)), key=len)
     fits = seq[:97]  # 99 tokens: its plain bucket (112) would pass 100 positions
     assert embed.bucket_length(99) > 100
-    embedder = embed.Embedder(None, cfg, params, mesh=_one_device_mesh())
+    embedder = embed.Embedder(cfg, params, mesh=_one_device_mesh())
     got = dict(embedder.embed([("fits", fits)]))["fits"]
     np.testing.assert_allclose(got, _direct(cfg, params, fits), atol=TOL, rtol=0)
     with pytest.raises(ProtlmError, match="exceed the model's 100 positions"):

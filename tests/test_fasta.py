@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from protlm_jax import fasta
+from protlm_jax.data import fasta
 from protlm_jax.errors import InputError
 
 
@@ -18,7 +18,7 @@ def parser_path(request, monkeypatch):
 
 
 def test_c_fast_path_is_built(parser_path):
-    assert fasta._fastfasta is not None, "pip install -e . builds protlm_jax._fastfasta"
+    assert fasta._fastfasta is not None, "pip install -e . builds protlm_jax.data._fastfasta"
 
 
 def _write_fasta(path, records, width=60, newline="\n", blank_lines=False):

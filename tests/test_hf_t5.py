@@ -20,11 +20,14 @@ import transformers
 from conftest import UNIPROT20K, read_sample_records
 from safetensors.torch import load_file, save_file
 
-from protlm_jax import cli, hf_export, hf_t5
-from protlm_jax.checkpoints import Checkpointer
+from protlm_jax import cli
+from protlm_jax.hf import t5 as hf_t5
+from protlm_jax.checkpoints import Checkpointer, read_params
+from protlm_jax.hf import engine as hf_engine
+from protlm_jax.models import family as model_family
 from protlm_jax.models import t5
 from protlm_jax.trainer import TrainState
-from protlm_jax.vocabularies import ProtT5Vocabulary
+from protlm_jax.data.vocabularies import ProtT5Vocabulary
 
 # name -> (feed_forward_proj, how the HF model's head is set up)
 #   "prott5": own lm_head.weight, config without tie_word_embeddings=False, i.e.
@@ -108,7 +111,7 @@ def _import_new(name, tmp_path_factory):
 
 
 def _ours(model_dir, encoder_only=False):
-    config, params, meta = hf_export.restore_params(str(model_dir), encoder_only=encoder_only)
+    config, params, meta, _ = read_params(str(model_dir), encoder_only=encoder_only)
     return config, params, meta
 
 
@@ -197,7 +200,8 @@ def test_published_prott5_head_imports_untied_and_scaled(tmp_path):
                 "is_gated_act", "feed_forward_proj"):
         config.pop(key, None)   # the published files have none of these
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    cfg, params = hf_t5.load_pretrained(str(tmp_path / "hf"), encoder_only=False)
+    imported = hf_t5.load(str(tmp_path / "hf"), encoder_only=False)
+    cfg, params = imported.config, imported.params
     assert (cfg.feed_forward_proj, cfg.tie_word_embeddings, cfg.scale_decoder_outputs) \
         == ("relu", False, True)
     head = np.asarray(params["decoder"]["logits_dense"]["kernel"])
@@ -246,7 +250,7 @@ def test_prottrans_snippet_equals_protlm_embed(prott5_imported, tmp_path):
 
 
 def test_tokenizers_give_prott5_ids(tmp_path):
-    from protlm_jax import hf_tokenizer
+    from protlm_jax.hf import tokenizers as hf_tokenizer
 
     hf_tokenizer.write_prott5_tokenizer(str(tmp_path))
     vocab = ProtT5Vocabulary()
@@ -265,19 +269,6 @@ def test_tokenizers_give_prott5_ids(tmp_path):
             assert tokenizer(" ".join(s)).input_ids == list(vocab.encode(s)) + [1]
 
 
-_SHAPE_CACHE = {}
-
-
-def _transformed_shapes(rule, shape, config):
-    """(our shape, back to HF shape) of one transform, abstractly (cached)."""
-    key = (rule, shape, config.num_heads, config.d_kv)
-    if key not in _SHAPE_CACHE:
-        mine = jax.eval_shape(lambda: hf_t5._to_ours(rule, jnp.zeros(shape), config)).shape
-        back = jax.eval_shape(lambda: hf_t5._to_hf(rule, jnp.zeros(mine), config)).shape
-        _SHAPE_CACHE[key] = (mine, back)
-    return _SHAPE_CACHE[key]
-
-
 def test_key_mapping_covers_published_configs():
     """Every tensor of ProtT5-XL (U50 and BFD share one config) and -XXL maps to
     a parameter of ours of the right shape and back, with an own lm_head and
@@ -292,22 +283,27 @@ def test_key_mapping_covers_published_configs():
                 hf = cls(hf_t5.hf_config_from_t5config(cfg))
             hf_shapes[encoder_only] = {k: tuple(v.shape) for k, v in hf.state_dict().items()
                                        if not k.endswith("embed_tokens.weight")}
-            assert hf_shapes[encoder_only] == hf_t5.hf_parameter_shapes(cfg, encoder_only)
+            expected = hf_t5.expected_tensors(cfg, encoder_only)
+            assert hf_shapes[encoder_only] == {n: t.hf_shape for n, t in expected.items()}
         assert "lm_head.weight" in hf_shapes[False]
         assert set(hf_shapes[True]) == {k for k in hf_shapes[False]
                                         if k.startswith(("shared.", "encoder."))}
         for scan in scans:
             c = cfg.replace(scan_layers=scan)
-            ours = hf_t5._expected_shapes(hf_t5._shape_key(c), False)
+            stored = {k: tuple(v.shape) for k, v in
+                      model_family.flat_paths(t5.abstract_params(c)).items()}
             covered = {}
-            for hf_name, shape in hf_shapes[False].items():
-                path, rule = hf_t5.map_hf_name(hf_name)
-                leaf, layer = hf_t5._scanned_path(path, scan)
-                mine, back = _transformed_shapes(rule, shape, c)
-                assert ours[leaf][1 if layer is not None else 0:] == mine, hf_name
-                assert back == shape, hf_name
+            for hf_name, t in hf_t5.expected_tensors(c).items():
+                assert hf_t5.TABLE.to_ours(hf_name)[0] == t.path
+                leaf, layer = model_family.scanned_location(t.path, stored)
+                mine = jax.eval_shape(lambda: hf_engine.to_ours(
+                    t.transform, jnp.zeros(t.hf_shape), t.our_shape)).shape
+                back = jax.eval_shape(lambda: hf_engine.to_hf(
+                    t.transform, jnp.zeros(mine), t.hf_shape)).shape
+                assert stored[leaf][1 if layer is not None else 0:] == mine, hf_name
+                assert back == hf_shapes[False][hf_name], hf_name
                 covered.setdefault(leaf, set()).add(layer)
-            assert set(covered) == set(ours)  # every parameter has its HF tensor(s)
+            assert set(covered) == set(stored)  # every parameter has its HF tensor(s)
             if scan:
                 assert all(covered[k] == set(range(24)) for k in covered if "/layers/" in k)
 
@@ -320,10 +316,10 @@ def test_published_config_json_reads_as_prott5():
                  "layer_norm_epsilon": 1e-06, "model_type": "t5", "n_positions": 512,
                  "num_heads": 32, "num_layers": 24, "pad_token_id": 0,
                  "relative_attention_num_buckets": 32, "vocab_size": 128}
-    cfg = hf_t5.t5config_from_hf(published)
+    cfg = hf_t5.config_from_hf(published)
     assert cfg == t5.preset("prot_t5_xl_uniref50")
     exported = hf_t5.hf_config_dict(cfg)
-    assert hf_t5.t5config_from_hf(exported) == cfg
+    assert hf_t5.config_from_hf(exported) == cfg
     loaded = transformers.T5Config.from_dict(exported)
     assert (loaded.feed_forward_proj, loaded.scale_decoder_outputs, loaded.is_gated_act,
             loaded.dense_act_fn) == ("relu", True, False, "relu")
@@ -407,7 +403,7 @@ def test_unmodelled_head_warns_and_bin_import(good_hf_dir, tmp_path, capsys):
     assert "protlm: warning:" in err and "classification_head.dense.weight" in err
     config, params, meta = _ours(tmp_path / "model")
     assert meta["source"]["skipped_tensors"] == ["classification_head.dense.weight"]
-    _, want = hf_t5.load_pretrained(str(good_hf_dir), encoder_only=False)
+    want = hf_t5.load(str(good_hf_dir), encoder_only=False).params
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  params, want)
 
@@ -425,8 +421,8 @@ def test_unmodelled_head_warns_and_bin_import(good_hf_dir, tmp_path, capsys):
 
 def test_export_from_training_checkpoint(good_hf_dir, tmp_path):
     """A Trainer-style checkpoint (step, params, opt_state; scanned layers) exports."""
-    cfg, params = hf_t5.load_pretrained(str(good_hf_dir), encoder_only=False,
-                                        scan_layers=True)
+    imported = hf_t5.load(str(good_hf_dir), encoder_only=False, scan_layers=True)
+    cfg, params = imported.config, imported.params
     import dataclasses
 
     state = TrainState(step=jnp.asarray(7, jnp.int32), params=params,

@@ -4,7 +4,7 @@ normalisation by target tokens, on real sequences with ProtT5 masking."""
 import numpy as np
 
 from protlm_jax import objectives
-from protlm_jax.vocabularies import ProtT5Vocabulary
+from protlm_jax.data.vocabularies import ProtT5Vocabulary
 
 from conftest import read_sample_records
 

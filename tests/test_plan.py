@@ -13,8 +13,9 @@ import pytest
 import seqio
 
 from protlm_jax import objectives, objectives_ae, optimizers, plan, trainer
+from protlm_jax.cli import plan as plan_cmd
 from protlm_jax.errors import ProtlmError
-from protlm_jax.feature_converters import MLMFeatureConverter
+from protlm_jax.data.feature_converters import MLMFeatureConverter
 from protlm_jax.models import bert, electra, t5
 
 LENGTHS = seqio.EncDecFeatureConverter(pack=True).get_model_feature_lengths(
@@ -159,15 +160,15 @@ def test_too_few_devices_is_a_clear_error():
 
 
 def test_cli_run(capsys, monkeypatch):
-    from protlm_jax import data_pipeline
+    from protlm_jax.data import pipeline as data_pipeline
 
     parser = argparse.ArgumentParser()
-    plan.add_arguments(parser)
+    plan_cmd.add_arguments(parser)
     args = parser.parse_args(["--mesh=2x4", "--peak_tflops=2", "--batch_per_data_shard=2",
                               "--target_mesh=32x4", "--mfu=0.4"])
     data = data_pipeline.DataConfig("uniprot_sample_prott5", {"inputs": 32, "targets": 32})
     train_config = _train_config(batch_size=128, model_parallel_size=8)
-    result = plan.run(args, (TINY, train_config, data, ADAFACTOR,
+    result = plan_cmd.run(args, (TINY, train_config, data, ADAFACTOR,
                              objectives.EncDecObjective()))
     assert result["mesh"] == {"data": 2, "model": 4}
     assert result["batch_size"] == 4 and result["peak_flops_per_device"] == 2e12
@@ -178,11 +179,11 @@ def test_cli_run(capsys, monkeypatch):
 
 def test_cli_bad_mesh():
     parser = argparse.ArgumentParser()
-    plan.add_arguments(parser)
+    plan_cmd.add_arguments(parser)
     args = parser.parse_args(["--mesh=eight"])
     data = dataclasses.make_dataclass("D", [("task", str), ("pack", bool)])
     with pytest.raises(ProtlmError, match="DATAxMODEL"):
-        plan.run(args, (TINY, _train_config(), data("x", True)))
+        plan_cmd.run(args, (TINY, _train_config(), data("x", True)))
 
 
 MLM_LENGTHS = MLMFeatureConverter(pack=True).get_model_feature_lengths({"inputs": 32})

@@ -97,7 +97,7 @@ def test_uniprot20k_counts_tasks_and_determinism(tmp_path, capsys, uniprot20k_pa
     import seqio
 
     import protlm_tasks  # noqa: F401
-    from protlm_jax import data_sources
+    from protlm_jax.data import sources as data_sources
 
     data_sources.set_data_dir(str(tmp_path / "a"))
     try:

@@ -8,8 +8,8 @@ import seqio
 import tensorflow as tf
 from seqio import test_utils
 
-from protlm_jax import preprocessors as pp
-from protlm_jax.vocabularies import ProtBertVocabulary, ProtT5Vocabulary
+from protlm_jax.data import preprocessors as pp
+from protlm_jax.data.vocabularies import ProtBertVocabulary, ProtT5Vocabulary
 
 T5 = ProtT5Vocabulary()
 BERT = ProtBertVocabulary()

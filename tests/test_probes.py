@@ -259,7 +259,8 @@ def test_probe_cli_writes_outputs_and_one_line_errors(tmp_path, capsys, scl_sets
 def test_trainer_hook_logs_probe_metrics(tmp_path, prepared_sample):
     import tensorflow as tf
 
-    from protlm_jax import data_pipeline, objectives, optimizers, trainer
+    from protlm_jax import objectives, optimizers, trainer
+    from protlm_jax.data import pipeline as data_pipeline
     from protlm_jax.models import t5
     from protlm_jax.probes.hook import ProbeHook
 

@@ -13,9 +13,11 @@ import transformers
 from conftest import read_sample_records
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from protlm_jax import hf_t5, layers
+from protlm_jax.hf import t5 as hf_t5
+from protlm_jax.models import layers
+from protlm_jax.errors import ProtlmError
 from protlm_jax.models import t5
-from protlm_jax.vocabularies import ProtT5Vocabulary
+from protlm_jax.data.vocabularies import ProtT5Vocabulary
 
 XL_ENCODER_PARAMS = 1_208_141_824  # REFERENCE §1 (published encoder-only count)
 XL_PARAMS = 2_818_830_336          # shared + encoder + decoder, tied head
@@ -95,7 +97,7 @@ def test_matches_hugging_face(protein_batch, feed_forward_proj, head):
 
     for scan in (False, True):
         c = cfg.replace(scan_layers=scan)
-        params = hf_t5.params_from_hf_state_dict(state, c)
+        params = hf_t5.params_from_state_dict(state, c)
         assert (jax.tree.structure(params)
                 == jax.tree.structure(nn.meta.unbox(t5.abstract_params(c))))
         enc, logits = _forward(c, jit=scan)(params, tokens, dec_in)
@@ -103,7 +105,7 @@ def test_matches_hugging_face(protein_batch, feed_forward_proj, head):
         np.testing.assert_allclose(np.asarray(enc), ref_enc, rtol=0, atol=1e-5)
         np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=0, atol=1e-5)
 
-    enc_params = hf_t5.params_from_hf_state_dict(state, cfg, encoder_only=True)
+    enc_params = hf_t5.params_from_state_dict(state, cfg, encoder_only=True)
     enc_only = t5.T5EncoderOnly(cfg).apply({"params": enc_params}, jnp.asarray(tokens))
     np.testing.assert_allclose(np.asarray(enc_only), ref_enc, rtol=0, atol=1e-5)
 
@@ -123,8 +125,8 @@ def test_relative_position_bucket_matches_hugging_face():
 
 def test_unknown_hf_key_is_rejected():
     cfg = t5.preset("prot_t5_tiny")
-    with pytest.raises(ValueError, match="unknown"):
-        hf_t5.params_from_hf_state_dict({"encoder.block.0.mystery.weight": np.zeros(3)}, cfg)
+    with pytest.raises(ProtlmError, match=r"does not model: encoder\.block\.0\.mystery\.weight"):
+        hf_t5.params_from_state_dict({"encoder.block.0.mystery.weight": np.zeros(3)}, cfg)
 
 
 def test_published_parameter_counts():
@@ -196,7 +198,7 @@ def _params(cfg, seed=0):
     torch.manual_seed(seed)
     hf = transformers.T5ForConditionalGeneration(hf_t5.hf_config_from_t5config(cfg))
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    return hf_t5.params_from_hf_state_dict(state, cfg)
+    return hf_t5.params_from_state_dict(state, cfg)
 
 
 def _forward(cfg, jit=True):

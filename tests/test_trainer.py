@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from protlm_jax import data_pipeline, objectives, optimizers, trainer
+from protlm_jax import objectives, optimizers, trainer
+from protlm_jax.data import pipeline as data_pipeline
 from protlm_jax.models import t5
 
 from conftest import REPO

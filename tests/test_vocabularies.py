@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from protlm_jax.vocabularies import ProtBertVocabulary, ProtT5Vocabulary
+from protlm_jax.data.vocabularies import ProtBertVocabulary, ProtT5Vocabulary
 
 # REFERENCE.md §2, written out by hand from the published tokenizers.
 PROTT5_IDS = {"<pad>": 0, "</s>": 1, "<unk>": 2, "A": 3, "L": 4, "G": 5, "V": 6,

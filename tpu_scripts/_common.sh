@@ -8,6 +8,9 @@
 #     (or PROTLM_DRY_RUN=1) the commands go to stdout and nothing runs.
 
 # shellcheck shell=bash
+# Variables set here (OPTSHIFT, NAME, WORKER_ID_SNIPPET, …) are read by the
+# scripts that source this file.
+# shellcheck disable=SC2034
 
 PROG=$(basename "${BASH_SOURCE[1]:-$0}")
 DRY_RUN=${PROTLM_DRY_RUN:-0}
@@ -99,6 +102,7 @@ remote_path() {
   if [[ $1 == /* ]]; then
     q "$1"
   else
+    # shellcheck disable=SC2016  # $HOME is expanded on the remote host
     printf '"$HOME"/%s' "$(q "$1")"
   fi
 }

@@ -90,6 +90,7 @@ require "$NAME" --name PROTLM_TPU_NAME
 require "$ZONE" --zone PROTLM_ZONE
 require "$DIR" --dir PROTLM_REMOTE_DIR
 
+# shellcheck disable=SC2016  # $HOME is expanded on the remote host
 LOG_ROOT='"$HOME"/protlm-logs'
 PIDFILE="$LOG_ROOT/train.pid"
 # Stop what the pid file names (its whole process group: setsid made it a

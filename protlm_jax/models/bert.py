@@ -53,13 +53,18 @@ Shape legend:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional
+import functools
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from protlm_jax import layers
+from protlm_jax import objectives_ae
+from protlm_jax.data.vocabularies import ProtBertVocabulary
+from protlm_jax.models import layers
+from protlm_jax.models.family import (EncoderView, Family, TokenLayout, from_presets, unscan,
+                                     where_valid)
 
 Array = jax.Array
 
@@ -201,9 +206,7 @@ def preset(name: str, **overrides) -> BertConfig:
     Returns:
       The config.
     """
-    if name not in BERT_PRESETS:
-        raise KeyError(f"unknown BERT preset {name!r}; known: {sorted(BERT_PRESETS)}")
-    return BERT_PRESETS[name].replace(**overrides)
+    return from_presets(BERT_PRESETS, "BERT", name, **overrides)
 
 
 _BLE = ("batch", "length", "embed")
@@ -424,10 +427,13 @@ class Encoder(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x: Array, mask: Optional[Array], deterministic: bool) -> Array:
-        """[B, L, D] -> [B, L, D]."""
+    def __call__(self, x: Array, mask: Optional[Array], deterministic: bool,
+                 hidden_states: bool = False):
+        """[B, L, D] -> [B, L, D]; with ``hidden_states`` also each layer's
+        output in order (ALBERT: call by call), unscanned stacks only."""
         cfg = self.config
         n = cfg.num_hidden_layers
+        hidden = []
         if cfg.family == "albert":
             if cfg.scan_layers and cfg.num_hidden_groups == 1:
                 # One shared group run n times: scan with the params broadcast
@@ -436,12 +442,13 @@ class Encoder(nn.Module):
                                 split_rngs={"params": False, "dropout": True},
                                 in_axes=(nn.broadcast, nn.broadcast), length=n)
                 x, _ = group(cfg, name="groups_0")(x, mask, deterministic)
-                return x
+                return (x, hidden) if hidden_states else x
             groups = [LayerGroup(cfg, name=f"groups_{g}") for g in range(cfg.num_hidden_groups)]
             for i in range(n):
                 # HF: group_idx = int(i / (num_hidden_layers / num_hidden_groups)).
                 x, _ = groups[int(i / (n / cfg.num_hidden_groups))](x, mask, deterministic)
-            return x
+                hidden.append(x)
+            return (x, hidden) if hidden_states else x
         layer_cls = _remat(TransformerLayer, cfg)
         if cfg.scan_layers:
             scanned = nn.scan(layer_cls, variable_axes={"params": 0},
@@ -449,10 +456,11 @@ class Encoder(nn.Module):
                               in_axes=(nn.broadcast, nn.broadcast), length=n,
                               metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = scanned(cfg, name="layers")(x, mask, deterministic)
-            return x
+            return (x, hidden) if hidden_states else x
         for i in range(n):
             x, _ = layer_cls(cfg, name=f"layers_{i}")(x, mask, deterministic)
-        return x
+            hidden.append(x)
+        return (x, hidden) if hidden_states else x
 
 
 class MlmHead(nn.Module):
@@ -493,13 +501,22 @@ def attention_mask(tokens: Array, segment_ids: Optional[Array], pad_id: int) -> 
 def _embed_and_encode(cfg: BertConfig, embeddings: Embeddings, projection: Optional[nn.Module],
                       encoder: nn.Module, tokens: Array, segment_ids: Optional[Array],
                       positions: Optional[Array], token_type_ids: Optional[Array],
-                      deterministic: bool) -> Array:
-    """Embeddings -> projection (ALBERT, ELECTRA with E != D) -> encoder: [B, L, D]."""
+                      deterministic: bool, hidden_states: bool = False):
+    """Embeddings -> projection (ALBERT, ELECTRA with E != D) -> encoder: [B, L, D].
+
+    With ``hidden_states``: ``(x, [embedding output, layer 1 .. N outputs])``
+    (HF ``hidden_states``: the embedding output is after the projection).
+    """
     x = embeddings(tokens, positions, token_type_ids, deterministic)
     if projection is not None:
-        x = nn.with_logical_constraint(projection(x), _BLE)
+        x = projection(x)
+    first = x
+    x = nn.with_logical_constraint(x, _BLE) if projection is not None else x
     mask = attention_mask(tokens, segment_ids, cfg.pad_id)
-    return encoder(x, mask, deterministic)
+    if not hidden_states:
+        return encoder(x, mask, deterministic)
+    x, hidden = encoder(x, mask, deterministic, hidden_states=True)
+    return x, [first] + hidden
 
 
 def _projection(cfg: BertConfig) -> Optional[nn.Module]:
@@ -507,6 +524,16 @@ def _projection(cfg: BertConfig) -> Optional[nn.Module]:
         return None
     return Dense(cfg.hidden_size, ("mlp", "embed"), dtype=cfg.activation_dtype,
                  kernel_init=_init(cfg))
+
+
+def _setup_tower(module: nn.Module) -> None:
+    """Gives ``module`` (in its ``setup``) the tower's embeddings, projection
+    and encoder, under the names every BERT-shaped params tree uses."""
+    module.embeddings = Embeddings(module.config)
+    projection = _projection(module.config)
+    if projection is not None:
+        module.embedding_projection = projection
+    module.encoder = Encoder(module.config)
 
 
 class Body(nn.Module):
@@ -542,11 +569,7 @@ class Bert(nn.Module):
     config: BertConfig
 
     def setup(self):
-        self.embeddings = Embeddings(self.config)
-        projection = _projection(self.config)
-        if projection is not None:
-            self.embedding_projection = projection
-        self.encoder = Encoder(self.config)
+        _setup_tower(self)
         self.mlm_head = MlmHead(self.config)
 
     def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
@@ -579,6 +602,7 @@ class Bert(nn.Module):
         return self.mlm_head(hidden, self.embeddings)
 
 
+@functools.lru_cache(maxsize=64)  # shapes of a config never change: trace once
 def abstract_params(config: BertConfig, batch: int = 1, length: int = 8) -> Any:
     """Boxed parameter shapes of ``Bert(config)`` via ``jax.eval_shape`` (no memory).
 
@@ -588,3 +612,83 @@ def abstract_params(config: BertConfig, batch: int = 1, length: int = 8) -> Any:
     tokens = jnp.ones((batch, length), jnp.int32)
     return jax.eval_shape(lambda rng: Bert(config).init(rng, tokens),
                           jax.random.PRNGKey(0))["params"]
+
+
+class Encoding(nn.Module):
+    """Embeddings, projection and encoder of a BERT/ALBERT/ELECTRA tower (no
+    head): the embedding contract. Its params are those of ``Bert`` without
+    ``mlm_head`` (an ELECTRA tower's, with the shared embeddings)."""
+    config: BertConfig
+
+    def setup(self):
+        _setup_tower(self)
+
+    def encode(self, tokens: Array, mask: Optional[Array] = None,
+               repr_layers: Sequence[int] = (-1,)) -> Dict[str, Dict[int, Array]]:
+        """Representations of unpacked ``[CLS] seq [SEP]`` token ids.
+
+        Args:
+          tokens: [B, T] int ids, padded with ``pad_id``.
+          mask: [B, T] bool, True on real tokens (default: ``tokens != pad_id``).
+          repr_layers: 0 (embedding output, after ALBERT's/ELECTRA's
+            projection) .. N (last layer), negative from N; like HF
+            ``hidden_states``; ALBERT's shared layers count call by call.
+
+        Returns:
+          ``{"representations": {layer: [B, T, D]}}`` keyed as asked.
+        """
+        tokens = where_valid(tokens, mask, self.config.pad_id)
+        _, hidden = _embed_and_encode(self.config, self.embeddings,
+                                      getattr(self, "embedding_projection", None), self.encoder,
+                                      tokens, None, None, None, True, hidden_states=True)
+        return {"representations": {i: hidden[i] for i in repr_layers}}
+
+
+ENCODING_COLLECTIONS = ("embeddings", "embedding_projection", "encoder")
+
+
+def inference_config(config: BertConfig) -> BertConfig:
+    """No dropout, no remat, layers unrolled, the plain attention path."""
+    return config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                          remat_policy="none", scan_layers=False, attention_chunk_size=None)
+
+
+def tower_view(config: BertConfig, tree: Mapping[str, Any]) -> EncoderView:
+    """The :class:`EncoderView` of one BERT-shaped tower (``tree``: its
+    embeddings, projection and encoder params, scanned or not)."""
+    cfg = inference_config(config)
+    abstract = {k: v for k, v in abstract_params(cfg).items() if k in ENCODING_COLLECTIONS}
+    return EncoderView(
+        config=cfg, params=unscan({k: tree[k] for k in ENCODING_COLLECTIONS if k in tree},
+                                  abstract),
+        num_layers=cfg.num_hidden_layers, max_positions=cfg.max_position_embeddings,
+        make_module=Encoding, chunked=lambda c, a, m: c.replace(attention_chunk_size=a),
+        pad_id=cfg.pad_id)
+
+
+def _family(name: str) -> Family:
+    return Family(
+        name=name, config_class=BertConfig,
+        build=lambda c: (Bert(c), ("encoder_input_tokens",)),
+        abstract_params=lambda c, encoder_only=False: abstract_params(c),
+        default_objective=objectives_ae.MLMObjective,
+        # ProtAlbert's pieces put [PAD] [UNK] [CLS] [SEP] [MASK] and the
+        # residues at ProtBert's ids (30..33 are unused), so ALBERT trains
+        # and embeds on ProtBert ids.
+        vocabulary=ProtBertVocabulary,
+        layout=TokenLayout(prefix=("CLS_ID",), suffix=("SEP_ID",)),  # residues [1:L+1]
+        encoder_view=lambda c, params: tower_view(c, params.get("params", params)),
+        encoder_collections=ENCODING_COLLECTIONS,
+        towers=lambda c: (c,),
+        stack_depths=lambda c: (c.num_hidden_layers,),
+        # Every ALBERT layer costs the same whichever group it uses: one group.
+        with_stack_depths=lambda c, d: c.replace(
+            scan_layers=False, num_hidden_layers=d[0],
+            num_hidden_groups=1 if c.family == "albert" else c.num_hidden_groups),
+        hf_module="protlm_jax.hf.bert", hf_model_types=(name,),
+        presets={k: v for k, v in BERT_PRESETS.items() if v.family == name},
+        matches=lambda c: c.family == name)
+
+
+BERT_FAMILY = _family("bert")
+ALBERT_FAMILY = _family("albert")

@@ -32,14 +32,18 @@ Shape legend: B batch, L length, E embedding size, D (D_g) discriminator
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+import functools
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from protlm_jax import objectives_ae
+from protlm_jax.data.vocabularies import ProtBertVocabulary
 from protlm_jax.models import bert
 from protlm_jax.models.bert import BertConfig
+from protlm_jax.models.family import EncoderView, Family, TokenLayout, from_presets
 
 Array = jax.Array
 
@@ -61,6 +65,8 @@ class ElectraConfig:
     generator: BertConfig = _electra(hidden_size=1280, num_hidden_layers=32,
                                      num_attention_heads=20, intermediate_size=5120,
                                      embedding_size=1280)
+    # The registry key (models.family_for); not a field, not in asdict().
+    family: ClassVar[str] = "electra"
 
     def __post_init__(self):
         for name, tower in (("discriminator", self.discriminator),
@@ -105,9 +111,7 @@ ELECTRA_PRESETS: Dict[str, ElectraConfig] = {
 
 def preset(name: str, **overrides) -> ElectraConfig:
     """A published (or tiny) ELECTRA pair, optionally with fields overridden."""
-    if name not in ELECTRA_PRESETS:
-        raise KeyError(f"unknown ELECTRA preset {name!r}; known: {sorted(ELECTRA_PRESETS)}")
-    return ELECTRA_PRESETS[name].replace(**overrides)
+    return from_presets(ELECTRA_PRESETS, "ELECTRA", name, **overrides)
 
 
 class DiscriminatorHead(nn.Module):
@@ -192,8 +196,50 @@ class Electra(nn.Module):
         return self.generator_logits(*args), self.discriminator_logits(*args)
 
 
+@functools.lru_cache(maxsize=64)  # shapes of a config never change: trace once
 def abstract_params(config: ElectraConfig, batch: int = 1, length: int = 8) -> Any:
     """Boxed parameter shapes of ``Electra(config)`` via ``jax.eval_shape``."""
     tokens = jnp.ones((batch, length), jnp.int32)
     return jax.eval_shape(lambda rng: Electra(config).init(rng, tokens),
                           jax.random.PRNGKey(0))["params"]
+
+
+def embedding_tower(params: Mapping[str, Any]) -> str:
+    """The tower to embed with: the discriminator (the model ProtTrans
+    publishes), or the generator when only that tower is present."""
+    return "generator" if "generator" in params and "discriminator" not in params \
+        else "discriminator"
+
+
+def _encoder_view(config: ElectraConfig, params: Mapping[str, Any]) -> EncoderView:
+    """One tower with the shared embeddings, shaped like a BERT encoder."""
+    tree = params.get("params", params)
+    tower = embedding_tower(tree)
+    if tower not in tree:
+        raise ValueError("ELECTRA params have neither a discriminator nor a generator")
+    return bert.tower_view(getattr(config, tower), {"embeddings": tree["embeddings"],
+                                                    **tree[tower]})
+
+
+def _with_stack_depths(config: ElectraConfig, depths: Sequence[int]) -> ElectraConfig:
+    def one(cfg: BertConfig, n: int) -> BertConfig:
+        return cfg.replace(scan_layers=False, num_hidden_layers=n)
+    return config.replace(discriminator=one(config.discriminator, depths[0]),
+                          generator=one(config.generator, depths[1]))
+
+
+FAMILY = Family(
+    name="electra", config_class=ElectraConfig,
+    build=lambda c: (Electra(c), ("encoder_input_tokens",)),
+    abstract_params=lambda c, encoder_only=False: abstract_params(c),
+    default_objective=objectives_ae.ElectraObjective,
+    vocabulary=ProtBertVocabulary,
+    layout=TokenLayout(prefix=("CLS_ID",), suffix=("SEP_ID",)),  # residues [1:L+1]
+    encoder_view=_encoder_view,
+    # The discriminator (and the shared embeddings) is what ProtTrans embeds with.
+    encoder_collections=("embeddings", "discriminator"),
+    towers=lambda c: (c.discriminator, c.generator),
+    stack_depths=lambda c: (c.discriminator.num_hidden_layers, c.generator.num_hidden_layers),
+    with_stack_depths=_with_stack_depths,
+    hf_module="protlm_jax.hf.bert", hf_model_types=("electra",),
+    presets=ELECTRA_PRESETS)

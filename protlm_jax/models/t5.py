@@ -31,13 +31,18 @@ Shape legend:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional
+import functools
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from protlm_jax import layers
+from protlm_jax import objectives
+from protlm_jax.models import layers
+from protlm_jax.data.vocabularies import ProtT5Vocabulary
+from protlm_jax.models.family import (EncoderView, Family, TokenLayout, from_presets, unscan,
+                                     where_valid)
 
 Array = jax.Array
 
@@ -83,6 +88,8 @@ class T5Config:
     # the length. Exact; unpacked inputs only. None: the plain path.
     attention_chunk_size: Optional[int] = None
     mlp_chunk_size: Optional[int] = None
+    # The registry key (models.family_for); not a field, not in asdict().
+    family: ClassVar[str] = "t5"
 
     def __post_init__(self):
         if self.feed_forward_proj not in layers.FEED_FORWARD_KINDS:
@@ -132,9 +139,7 @@ def preset(name: str, **overrides) -> T5Config:
     Returns:
       The config.
     """
-    if name not in T5_PRESETS:
-        raise KeyError(f"unknown T5 preset {name!r}; known: {sorted(T5_PRESETS)}")
-    return T5_PRESETS[name].replace(**overrides)
+    return from_presets(T5_PRESETS, "T5", name, **overrides)
 
 
 def decoder_input_tokens_from_targets(targets: Array, segment_ids: Optional[Array] = None,
@@ -268,7 +273,9 @@ def _stack(layer_cls, config: T5Config, num_layers: int, num_broadcast_args: int
         layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not config.scan_layers,
                              static_argnums=(num_broadcast_args + 1,))
 
-    def apply(x, *args):
+    def apply(x, *args, hidden=None):
+        # ``hidden``: a list that receives each block's output (unscanned
+        # stacks only; embedding asks for them).
         if config.scan_layers:
             scanned = nn.scan(
                 layer_cls, variable_axes={"params": 0},
@@ -279,6 +286,8 @@ def _stack(layer_cls, config: T5Config, num_layers: int, num_broadcast_args: int
             return x
         for i in range(num_layers):
             x, _ = layer_cls(config, name=f"layers_{i}")(x, *args)
+            if hidden is not None:
+                hidden.append(x)
         return x
     return apply
 
@@ -290,7 +299,8 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Optional[Array] = None,
-                 positions: Optional[Array] = None, deterministic: bool = True) -> Array:
+                 positions: Optional[Array] = None, deterministic: bool = True,
+                 hidden_states: bool = False):
         """Encodes token ids.
 
         Args:
@@ -298,9 +308,12 @@ class Encoder(nn.Module):
           segment_ids: optional [B, L] packing segment ids (0 = padding).
           positions: optional [B, L] positions restarting in every segment.
           deterministic: disables dropout.
+          hidden_states: also return every representation (unscanned only).
 
         Returns:
-          [B, L, D] encodings in the activation dtype.
+          [B, L, D] encodings in the activation dtype; with ``hidden_states``
+          ``(encodings, [embedding output, block 1 .. N-1 outputs, encodings])``
+          numbered like Hugging Face ``hidden_states``.
         """
         cfg = self.config
         length = tokens.shape[1]
@@ -314,14 +327,19 @@ class Encoder(nn.Module):
             key_valid=None if segment_ids is not None else tokens != cfg.pad_id,
             query_segment_ids=segment_ids, key_segment_ids=segment_ids)
         x = self.shared_embedding(tokens)
+        hidden = [x] if hidden_states else None
         x = _dropout(cfg)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, _BLE)
         x = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, 3)(
-            x, bias, mask, deterministic)
+            x, bias, mask, deterministic, hidden=hidden)
         x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype,
                            name="encoder_norm")(x)
         x = _dropout(cfg)(x, deterministic=deterministic)
-        return nn.with_logical_constraint(x, _BLE)
+        x = nn.with_logical_constraint(x, _BLE)
+        if hidden_states:
+            # The last block's output is replaced by the normed final output.
+            return x, hidden[:-1] + [x] if cfg.num_encoder_layers else hidden + [x]
+        return x
 
 
 class Decoder(nn.Module):
@@ -382,17 +400,23 @@ class Decoder(nn.Module):
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
+def _setup_encoder(module: nn.Module) -> None:
+    """Gives ``module`` (in its ``setup``) the shared embedding and the encoder,
+    under the names both ``T5`` and ``T5EncoderOnly`` params use."""
+    cfg = module.config
+    module.token_embedder = layers.Embed(cfg.vocab_size, cfg.d_model,
+                                         dtype=cfg.activation_dtype)
+    module.encoder = Encoder(cfg, module.token_embedder)
+
+
 class T5(nn.Module):
     """Encoder-decoder T5 (ProtT5). Call ``init``/``apply`` with ``__call__``,
     or ``apply(..., method="encode" | "decode")``."""
     config: T5Config
 
     def setup(self):
-        cfg = self.config
-        self.token_embedder = layers.Embed(cfg.vocab_size, cfg.d_model,
-                                           dtype=cfg.activation_dtype)
-        self.encoder = Encoder(cfg, self.token_embedder)
-        self.decoder = Decoder(cfg, self.token_embedder)
+        _setup_encoder(self)
+        self.decoder = Decoder(self.config, self.token_embedder)
 
     def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
                encoder_positions: Optional[Array] = None,
@@ -465,10 +489,7 @@ class T5EncoderOnly(nn.Module):
     config: T5Config
 
     def setup(self):
-        cfg = self.config
-        self.token_embedder = layers.Embed(cfg.vocab_size, cfg.d_model,
-                                           dtype=cfg.activation_dtype)
-        self.encoder = Encoder(cfg, self.token_embedder)
+        _setup_encoder(self)
 
     def __call__(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
                  encoder_positions: Optional[Array] = None,
@@ -482,6 +503,7 @@ class T5EncoderOnly(nn.Module):
         return self(*args, **kwargs)
 
 
+@functools.lru_cache(maxsize=64)  # shapes of a config never change: trace once
 def abstract_params(config: T5Config, encoder_only: bool = False,
                     batch: int = 1, length: int = 8) -> Any:
     """Boxed parameter shapes via ``jax.eval_shape`` (no memory, any size).
@@ -544,3 +566,58 @@ def greedy_decode(model: T5, params: Any, encoder_input_tokens: Array,
         return dec[:, 1:]
 
     return run(params, jnp.asarray(encoder_input_tokens, jnp.int32))
+
+
+class Encoding(T5EncoderOnly):
+    """``T5EncoderOnly`` answering the embedding contract (same params)."""
+
+    def encode(self, tokens: Array, mask: Optional[Array] = None,
+               repr_layers: Sequence[int] = (-1,)) -> Dict[str, Dict[int, Array]]:
+        """Representations of unpacked token ids.
+
+        Args:
+          tokens: [B, T] int ids (``seq </s>`` then padding).
+          mask: [B, T] bool, True on real tokens (default: ``tokens != pad_id``).
+          repr_layers: layers 0 (token embedding) .. N (final output, after the
+            final norm), negative from N; like HF ``hidden_states``.
+
+        Returns:
+          ``{"representations": {layer: [B, T, D]}}`` keyed as asked.
+        """
+        tokens = where_valid(tokens, mask, self.config.pad_id)
+        _, hidden = self.encoder(tokens, hidden_states=True)
+        return {"representations": {i: hidden[i] for i in repr_layers}}
+
+
+def _encoder_view(config: T5Config, params: Mapping[str, Any]) -> EncoderView:
+    cfg = config.replace(dropout_rate=0.0, remat_policy="none", scan_layers=False,
+                         attention_chunk_size=None, mlp_chunk_size=None)
+    tree = params.get("params", params)
+    tree = {k: tree[k] for k in ("token_embedder", "encoder") if k in tree}
+    return EncoderView(
+        config=cfg, params=unscan(tree, abstract_params(cfg, encoder_only=True)),
+        num_layers=cfg.num_encoder_layers, max_positions=None,  # relative positions
+        make_module=Encoding,
+        chunked=lambda c, a, m: c.replace(attention_chunk_size=a, mlp_chunk_size=m),
+        pad_id=cfg.pad_id)
+
+
+def _with_stack_depths(config: T5Config, depths: Sequence[int]) -> T5Config:
+    return config.replace(scan_layers=False, num_encoder_layers=depths[0],
+                          num_decoder_layers=depths[1])
+
+
+FAMILY = Family(
+    name="t5", config_class=T5Config,
+    build=lambda c: (T5(c), ("encoder_input_tokens", "decoder_input_tokens")),
+    abstract_params=lambda c, encoder_only=False: abstract_params(c, encoder_only=encoder_only),
+    default_objective=objectives.EncDecObjective,
+    vocabulary=ProtT5Vocabulary,
+    layout=TokenLayout(suffix=("eos_id",)),  # seq </s>: residues are [:L]
+    encoder_view=_encoder_view,
+    encoder_collections=("token_embedder", "encoder"),
+    towers=lambda c: (c,),
+    stack_depths=lambda c: (c.num_encoder_layers, c.num_decoder_layers),
+    with_stack_depths=_with_stack_depths,
+    hf_module="protlm_jax.hf.t5", hf_model_types=("t5", "mt5"),
+    presets=T5_PRESETS)

@@ -46,10 +46,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from protlm_jax.data import fetch as data_fetch
 from protlm_jax.errors import InputError, ProtlmError
 from protlm_jax.probes.heads import SS3_CLASSES, SS8_CLASSES
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 _SS8_INDEX = {c: i for i, c in enumerate(SS8_CLASSES)}
 _SS8_INDEX.update({"L": 7, "-": 7, " ": 7, "P": 7})
@@ -429,9 +428,8 @@ TASK_SPECS = "ss_casp12, scl2205, netsurfp:TRAIN.csv,TEST.csv[,TEST.csv…], dee
 
 
 def default_data_dir() -> str:
-    """``data/fetched`` of the working directory, else of the repository."""
-    local = os.path.join("data", "fetched")
-    return local if os.path.isdir(local) else str(REPO_ROOT / "data" / "fetched")
+    """The fetched data sets' folder (:func:`protlm_jax.data.fetch.default_data_dir`)."""
+    return data_fetch.default_data_dir()
 
 
 def _require(path: str) -> None:

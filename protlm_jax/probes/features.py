@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from protlm_jax.embed.engine import clean_sequence, sanitize_id
 from protlm_jax.errors import InputError, ProtlmError
 
 ONE_HOT_ALPHABET = "ACDEFGHIKLMNPQRSTVWY"
@@ -107,8 +108,6 @@ class H5Features:
                 self._by_original.setdefault(original.split()[0], key)
 
     def _lookup(self, ident: str):
-        from protlm_jax.embed import sanitize_id
-
         for key in (ident, self._by_original.get(ident), sanitize_id(ident)):
             if key is not None and key in self._file:
                 return self._file[key]
@@ -136,8 +135,6 @@ def featurize(featurizer, records: Iterable[tuple[str, str]], per_protein: bool,
     """Features of ``records``; sequences are cleaned (REFERENCE §2) first."""
     records = list(records)
     if clean:
-        from protlm_jax.embed import clean_sequence
-
         records = [(i, clean_sequence(s)) for i, s in records]
     return featurizer(records, per_protein)
 

@@ -20,6 +20,9 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+import jax
+
+from protlm_jax import embed
 from protlm_jax.probes import datasets, evaluate, features, train
 
 
@@ -75,10 +78,6 @@ class ProbeHook:
 
     def probe(self, step: int, params, writer=None) -> dict:
         """Embeds, fits and scores every task with ``params``; returns scalars."""
-        import jax
-
-        from protlm_jax import embed
-
         t0 = time.perf_counter()
         leaf = jax.tree.leaves(params)[0]
         mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
@@ -87,7 +86,7 @@ class ProbeHook:
         # The live parameters on the first embedder's compiled programs: shapes,
         # config and shardings do not change during a run.
         if self._embedder is None:
-            self._embedder = embed.Embedder(config=self.model_config, params=params, mesh=mesh)
+            self._embedder = embed.Embedder(self.model_config, params, mesh=mesh)
             embedder = self._embedder
         else:
             embedder = self._embedder.with_params(params)

@@ -1,0 +1,162 @@
+"""Embedding I/O: models from a MODEL_DIR or a Hugging Face directory, FASTA -> HDF5.
+
+* :func:`load_model` gives an :class:`~protlm_jax.embed.engine.Embedder` for a
+  training ``MODEL_DIR`` (its latest complete checkpoint, or a step; only what
+  the family's encoder needs is read, straight into the mesh's shardings) or
+  a Hugging Face directory (any registered family, with the checkpoint's own
+  vocabulary).
+* :func:`embed_fasta` writes HDF5 as ProtTrans' ``prott5_embedder.py`` does:
+  one dataset per sequence keyed by the sanitised header, plus the
+  ``original_id`` attribute (bio_embeddings' convention) and ``length``.
+  Rerunning skips ids present.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Optional, Sequence
+
+from protlm_jax import checkpoints, partitioning
+from protlm_jax.data import fasta
+from protlm_jax.data.residues import RARE_RESIDUES
+from protlm_jax.data.vocabularies import VocabTxtVocabulary
+from protlm_jax.embed.engine import Embedder, sanitize_id
+from protlm_jax.errors import InputError, ProtlmError
+from protlm_jax.hf import convert
+
+
+def load_model(path: str, step: Optional[int] = None, *, mesh=None) -> Embedder:
+    """An :class:`Embedder` for a training ``MODEL_DIR`` or a Hugging Face dir.
+
+    A ``MODEL_DIR`` gives its latest complete checkpoint (or ``step``); only
+    what the encoder needs is read from it (an orbax partial restore: no
+    optimizer state, no decoder or heads), straight into the shardings of
+    ``mesh``. The model config (any family) comes from the checkpoint's
+    metadata, and so does an imported checkpoint's own vocabulary. A
+    directory with ``config.json`` is read as a Hugging Face checkpoint.
+
+    Args:
+      path: the directory.
+      step: a checkpoint step (MODEL_DIR only); default the latest.
+      mesh: as for :class:`Embedder`.
+
+    Returns:
+      The embedder.
+
+    Raises:
+      ProtlmError: no such directory, no complete checkpoint, unknown step.
+    """
+    if not os.path.isdir(path):
+        raise ProtlmError(f"{path}: no such model directory")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        if step is not None:
+            raise ProtlmError(f"{path}: --step applies to training MODEL_DIRs, "
+                              "not Hugging Face directories")
+        imported = convert.load(path, mesh=mesh, encoder_only=True)
+        return Embedder(imported.config, imported.params, imported.vocabulary, mesh)
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ProtlmError(f"{path}: neither a training MODEL_DIR (no checkpoints/) nor a "
+                          "Hugging Face directory (no config.json)")
+    mesh = mesh if mesh is not None else partitioning.create_mesh(1)
+    config, params, meta, step = checkpoints.read_params(path, step, encoder_only=True,
+                                                         mesh=mesh)
+    vocab = VocabTxtVocabulary(meta["vocabulary"]) if meta.get("vocabulary") else None
+    embedder = Embedder(config, params, vocab, mesh)
+    embedder.step = step
+    return embedder
+
+
+# ------------------------------------------------------------------ HDF5 ---
+
+def _read_fasta(input_path: str, counts: collections.Counter):
+    """(key, sequence, header, line) of every record; bad input -> InputError."""
+    records, first_line = [], {}
+    for rec in fasta.read_records(input_path, counts):
+        key = sanitize_id(rec.description)
+        if not key:
+            raise InputError(input_path, rec.line, "empty header: no id to key the embedding")
+        reason = fasta.invalid_reason(rec.sequence)
+        if reason:
+            raise InputError(input_path, rec.line,
+                             f"record {rec.id!r}: {reason.replace('_', ' ')}")
+        if key in first_line:
+            raise InputError(input_path, rec.line,
+                             f"duplicate id {key!r} (first at line {first_line[key]}); "
+                             "HDF5 keys must be unique")
+        first_line[key] = rec.line
+        rare = sum(rec.sequence.count(c) for c in RARE_RESIDUES)
+        if rare:
+            counts["rare_residues_to_X"] += rare
+        records.append((key, rec.sequence, rec.description, rec.line))
+    if not records:
+        raise InputError(input_path, 0, "no FASTA records")
+    return records
+
+
+def embed_fasta(embedder: Embedder, input_path: str, output_h5: str, *,
+                per_protein: bool = False, layers: Sequence[int] = (-1,),
+                dtype: str = "float32", token_budget: int = 4096,
+                progress: bool = True) -> dict:
+    """Embeds a FASTA file (plain or gzip) into an HDF5 file.
+
+    One dataset per record, keyed by :func:`sanitize_id` of its header, with
+    attributes ``original_id`` (the whole header) and ``length`` (residues).
+    The file's own attributes record ``per_protein``, ``layers`` and
+    ``dtype``; appending with other settings is refused. Records whose key is
+    already in the file are skipped (a rerun resumes an interrupted one).
+    The whole input is validated before anything is computed: a duplicate
+    key, an empty or invalid sequence stops the run with the file and line.
+
+    Args:
+      embedder: from :func:`load_model` or built directly.
+      input_path: FASTA (plain or .gz), local or remote.
+      output_h5: the HDF5 file (created or appended to).
+      per_protein, layers, dtype, token_budget, progress: see
+        :meth:`Embedder.embed`.
+
+    Returns:
+      Counts: ``embedded``, ``skipped_existing``, ``residues`` (embedded
+      ones) and ``normalised`` (what the reader and clean-up changed).
+    """
+    import h5py
+
+    counts: collections.Counter = collections.Counter()
+    records = _read_fasta(input_path, counts)
+    settings = {"per_protein": bool(per_protein), "layers": [int(i) for i in layers],
+                "dtype": dtype}
+    try:
+        h5 = h5py.File(output_h5, "a")
+    except OSError as e:
+        raise ProtlmError(f"{output_h5}: cannot open for writing ({e})") from None
+    with h5:
+        if len(h5.keys()):
+            for name, value in settings.items():
+                if name in h5.attrs:
+                    have = h5.attrs[name]
+                    have = [int(i) for i in have] if name == "layers" else (
+                        bool(have) if name == "per_protein" else str(have))
+                    if have != value:
+                        raise ProtlmError(f"{output_h5}: written with {name}={have}, "
+                                          f"asked {name}={value}; use another output file")
+        for name, value in settings.items():
+            h5.attrs[name] = value
+        todo = [r for r in records if r[0] not in h5]
+        meta = {key: (header, len(seq)) for key, seq, header, _ in todo}
+        stats = {"embedded": 0, "skipped_existing": len(records) - len(todo), "residues": 0}
+        pending = 0
+        for key, arr in embedder.embed(((k, s) for k, s, _, _ in todo),
+                                       per_protein=per_protein, layers=layers, dtype=dtype,
+                                       token_budget=token_budget, progress=progress):
+            header, length = meta[key]
+            ds = h5.create_dataset(key, data=arr)
+            ds.attrs["original_id"] = header
+            ds.attrs["length"] = length
+            stats["embedded"] += 1
+            stats["residues"] += length
+            pending += length
+            if pending >= 1_000_000:  # bound what an interruption can lose
+                h5.flush()
+                pending = 0
+    stats["normalised"] = dict(counts)
+    return stats
