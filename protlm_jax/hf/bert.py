@@ -47,7 +47,7 @@ from protlm_jax.hf.engine import Rule
 from protlm_jax.models import bert, electra
 from protlm_jax.models.bert import BertConfig
 from protlm_jax.models.electra import ElectraConfig
-from protlm_jax.models.family import flat_paths, unflatten
+from protlm_jax.models.family import flat_paths
 
 ModelConfig = Union[BertConfig, ElectraConfig]
 
@@ -178,7 +178,7 @@ def _unscanned(config: ModelConfig) -> ModelConfig:
 
 @functools.lru_cache(maxsize=16)
 def _abstract_unscanned(config: ModelConfig) -> Dict[str, Any]:
-    return {k: v for k, v in flat_paths(_abstract(_unscanned(config))).items()}
+    return flat_paths(_abstract(_unscanned(config)))
 
 
 def expected_tensors(config: ModelConfig, tower: str = "", *, with_head: bool = True,
@@ -190,7 +190,7 @@ def expected_tensors(config: ModelConfig, tower: str = "", *, with_head: bool = 
         flat = {k: v for k, v in flat.items()
                 if k.startswith(("embeddings/", f"{tower}/", f"{tower}_head/"))}
     return engine.expected_tensors(key_table(cfg.family, tower if cfg.family == "electra"
-                                             else ""), unflatten(flat),
+                                             else ""), flat,
                                    vocab_size=cfg.vocab_size, with_head=with_head,
                                    prefixed=prefixed)
 
@@ -398,8 +398,8 @@ def load(directory: str, *, generator: Optional[str] = None,
         config, params, vocabulary, arch, has_head, skipped=skipped, weights=reader.kind,
         described=arch + (" + ElectraForMaskedLM" if generator else ""),
         metadata={"architecture": arch, "has_head": has_head, "param_collections": sorted(params),
-                  "vocabulary": list(vocabulary.tokens),
-                  "generator": os.path.abspath(generator) if generator else None})
+                  "vocabulary": list(vocabulary.tokens)},
+        source={"generator": os.path.abspath(generator) if generator else None})
 
 
 # ----------------------------------------------------------------- export ---

@@ -109,15 +109,11 @@ def import_hf(hf_dir: str, output: str, *, step: int = 0, model_parallel_size: i
     config = dataclasses.asdict(imported.config)
     meta = {
         "step": step, "params_only": True, "encoder_only": imported.encoder_only,
-        "model_family": fam.name, "model_config": config,
-        **imported.metadata,
+        "model_family": fam.name, "model_config": config, **imported.metadata,
         "source": {"huggingface": os.path.abspath(hf_dir), "weights": imported.weights,
-                   "skipped_tensors": imported.skipped,
-                   **({"generator": imported.metadata["generator"]}
-                      if "generator" in imported.metadata else {})},
+                   "skipped_tensors": imported.skipped, **imported.source},
         "hf_config": hf_config,
     }
-    meta.pop("generator", None)
     num_params = _save(output, step, imported.params, mesh, meta)
     return {"output": output, "step": step, "encoder_only": imported.encoder_only,
             "architecture": imported.described or imported.architecture,

@@ -212,8 +212,9 @@ def expected_tensors(table: KeyTable, abstract_unscanned: Any, *,
 
     Args:
       table: the family's key table.
-      abstract_unscanned: our params or their abstract shapes, unscanned (only
-        the part one HF directory holds: one ELECTRA tower, say).
+      abstract_unscanned: our params or their abstract shapes, unscanned, as a
+        tree or a flat ``a/b`` mapping (only the part one HF directory holds:
+        one ELECTRA tower, say).
       vocab_size: HF rows of a padded vocabulary (``vocab_rows``/``vocab_vec``).
       with_head: include head tensors.
       prefixed: non-head names carry ``table.base_prefix`` (checkpoints with a
@@ -450,6 +451,7 @@ class Imported:
       weights: the file kind read ("safetensors", "bin").
       metadata: family-specific entries for the MODEL_DIR's metadata.
       described: what ``import-hf`` says it read (default the architecture).
+      source: family-specific entries for the metadata's ``source``.
     """
     config: Any
     params: Dict[str, Any]
@@ -461,6 +463,7 @@ class Imported:
     weights: str = ""
     metadata: Dict[str, Any] = dataclasses.field(default_factory=dict)
     described: str = ""
+    source: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def encode(self, tokens: Any) -> jax.Array:
         """Last hidden states [B, T, D] of unpacked token ids [B, T] (the tower
