@@ -5,6 +5,9 @@ For each corpus in :data:`CORPORA` and each objective:
   ``{corpus}_prott5``               ProtT5: per-residue sentinels → whole sequence
   ``{corpus}_t5_span_corruption``   standard T5 span corruption (density 0.15, span 3)
   ``{corpus}_mlm``                  BERT MLM with the ProtBert vocabulary (15 %, 80/10/10)
+  ``{corpus}_plm``                  XLNet permutation LM with the ProtXLNet vocabulary
+                                    (``residues <sep> <cls>``; lengths ``inputs`` and
+                                    ``target_positions`` = num_predict)
 
 Shards are read from ``$PROTLM_DATA_DIR/{corpus}`` (see
 ``protlm_jax.data.sources``). Rare residues become X, then the sequence is
@@ -19,7 +22,7 @@ import seqio
 
 from protlm_jax.data import preprocessors as pp
 from protlm_jax.data.sources import corpus_source
-from protlm_jax.data.vocabularies import ProtBertVocabulary, ProtT5Vocabulary
+from protlm_jax.data.vocabularies import ProtBertVocabulary, ProtT5Vocabulary, ProtXLNetVocabulary
 
 # uniprot20k: the 20,000 UniProtKB records `protlm data fetch` obtains (prepared
 # with `protlm prepare`, e.g. with `--exclude` of the probe test sets).
@@ -36,6 +39,13 @@ MLM_OUTPUT_FEATURES = {
     "inputs": seqio.Feature(PROTBERT_VOCABULARY, add_eos=False),
     "targets": seqio.Feature(PROTBERT_VOCABULARY, add_eos=False),
     "mlm_weights": seqio.Feature(seqio.PassThroughVocabulary(2), add_eos=False),
+}
+
+PROTXLNET_VOCABULARY = ProtXLNetVocabulary()
+PLM_OUTPUT_FEATURES = {
+    "inputs": seqio.Feature(PROTXLNET_VOCABULARY, add_eos=False),
+    "perm_index": seqio.Feature(seqio.PassThroughVocabulary(1 << 20), add_eos=False),
+    "target_positions": seqio.Feature(seqio.PassThroughVocabulary(1 << 20), add_eos=False),
 }
 
 _CLEAN_AND_TOKENIZE = (
@@ -83,6 +93,21 @@ def _register(corpus: str) -> None:
             pp.bert_mlm,
         ],
         output_features=MLM_OUTPUT_FEATURES,
+        metric_fns=[])
+
+    seqio.TaskRegistry.add(
+        f"{corpus}_plm",
+        source=source,
+        preprocessors=[
+            functools.partial(seqio.preprocessors.rekey,
+                              key_map={"id": "id", "inputs": "sequence"}),
+            functools.partial(pp.map_rare_residues, key="inputs"),  # then X -> <unk>
+            functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+            seqio.CacheDatasetPlaceholder(),
+            functools.partial(pp.random_crop, feature_key="inputs", reserved=2),
+            pp.xlnet_plm,
+        ],
+        output_features=PLM_OUTPUT_FEATURES,
         metric_fns=[])
 
 

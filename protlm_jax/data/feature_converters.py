@@ -79,3 +79,55 @@ class MLMFeatureConverter(seqio.FeatureConverter):
         if self.pack:
             names += list(self.PACKING_FEATURE_DTYPES)
         return {name: length for name in names}
+
+
+class PLMFeatureConverter(seqio.FeatureConverter):
+    """XLNet permutation-LM converter (the ``{corpus}_plm`` tasks), one protein per row.
+
+    Task features ``inputs``, ``perm_index`` (aligned) and ``target_positions``
+    become ``encoder_input_tokens``, ``encoder_perm_index`` and
+    ``encoder_target_positions``, zero-padded: a real position has
+    ``perm_index >= 1``, a target slot ``target_positions >= 1``. The
+    objective (:class:`protlm_jax.objectives_xlnet.PLMObjective`) builds
+    ``perm_mask`` and ``target_mapping`` from them on the device. Task lengths
+    name ``inputs`` and ``target_positions`` (``num_predict``). Packing is not
+    offered: each row is one protein, as at embedding time (rows never see
+    each other, and no mask across packed proteins is needed).
+    """
+
+    TASK_FEATURES = {
+        "inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "perm_index": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "target_positions": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+    }
+    MODEL_FEATURES = {
+        "encoder_input_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "encoder_perm_index": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "encoder_target_positions": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+    }
+    PACKING_FEATURE_DTYPES = {}
+
+    def __init__(self, pack: bool = False, **kwargs):
+        if pack:
+            raise ValueError("permutation-LM tasks are not packed: set DataConfig.pack = False")
+        super().__init__(pack=False, **kwargs)
+
+    def __call__(self, ds: tf.data.Dataset,
+                 task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        lengths = dict(task_feature_lengths)
+        lengths["perm_index"] = lengths["inputs"]
+        return super().__call__(ds, lengths)
+
+    def _convert_features(self, ds: tf.data.Dataset,
+                          task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        ds = self._pack_or_pad(ds, task_feature_lengths)
+        return ds.map(lambda x: {"encoder_input_tokens": x["inputs"],
+                                 "encoder_perm_index": x["perm_index"],
+                                 "encoder_target_positions": x["target_positions"]},
+                      num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(
+            self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+        return {"encoder_input_tokens": task_feature_lengths["inputs"],
+                "encoder_perm_index": task_feature_lengths["inputs"],
+                "encoder_target_positions": task_feature_lengths["target_positions"]}

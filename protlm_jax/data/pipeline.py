@@ -17,7 +17,7 @@ from typing import Iterator, Mapping, Optional
 import numpy as np
 import seqio
 
-from protlm_jax.data.feature_converters import MLMFeatureConverter
+from protlm_jax.data.feature_converters import MLMFeatureConverter, PLMFeatureConverter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +45,11 @@ class DataConfig:
 
 
 def feature_converter(task_name: str, pack: bool):
-    """The seqio converter for a task: encoder-decoder, or MLM for ``*_mlm``."""
+    """The seqio converter for a task, by its output features: MLM (``mlm_weights``),
+    permutation LM (``perm_index``; never packed), else encoder-decoder."""
     task = seqio.get_mixture_or_task(task_name)
+    if "perm_index" in task.output_features:
+        return PLMFeatureConverter(pack=False)
     if "mlm_weights" in task.output_features:
         return MLMFeatureConverter(pack=pack)
     return seqio.EncDecFeatureConverter(pack=pack)

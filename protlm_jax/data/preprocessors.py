@@ -13,6 +13,9 @@ Objectives (REFERENCE §3):
   * :func:`bert_mlm` — BERT masking with the ProtBert vocabulary: 15 % of
     residues scored; of those 80 % ``[MASK]``, 10 % a random standard residue,
     10 % unchanged; ``mlm_weights`` marks the scored positions.
+  * :func:`xlnet_plm` — XLNet permutation LM (zihangdai/xlnet ``_sample_mask``
+    and ``_local_perm``): ``residues <sep> <cls>``, span-sampled targets and
+    a factorisation order as per-position ranks.
 
 The mask-to-example transforms (``*_from_mask``) are separate deterministic
 functions so that they can be tested exactly on hand-written masks.
@@ -22,13 +25,15 @@ Shapes: ``L`` is the number of residue tokens of one example.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
+
+import numpy as np
 
 import seqio
 import tensorflow as tf
 
 from protlm_jax.data.residues import RARE_RESIDUES, RARE_RESIDUES_PATTERN  # noqa: F401
-from protlm_jax.data.vocabularies import ProtBertVocabulary, ProtT5Vocabulary
+from protlm_jax.data.vocabularies import ProtBertVocabulary, ProtT5Vocabulary, ProtXLNetVocabulary
 
 
 # ---------------------------------------------------------------------------
@@ -283,6 +288,133 @@ def bert_mlm(dataset: tf.data.Dataset, mask_rate: float = 0.15,
         x["inputs"] = tf.concat([cls, tf.cast(corrupted, tf.int32), sep], axis=0)
         x["targets"] = tf.concat([cls, tf.cast(tokens, tf.int32), sep], axis=0)
         x["mlm_weights"] = tf.concat([zero, tf.cast(selected, tf.int32), zero], axis=0)
+        return x
+
+    return fn(dataset)
+
+
+# ---------------------------------------------------------------------------
+# XLNet permutation language modelling
+# ---------------------------------------------------------------------------
+
+def xlnet_span_mask(n: int, goal: int, rng: np.random.Generator, *, max_gram: int = 5,
+                    mask_alpha: int = 6, mask_beta: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """zihangdai/xlnet ``_sample_mask`` on ``n`` residues (one piece each).
+
+    Spans of n-gram length ``g`` in 1..``max_gram`` with P(g) ∝ 1/g (cut to
+    what ``goal`` leaves), each inside a context of ``g * alpha // beta``
+    tokens with its start uniform in the context; spans never touch. When
+    the spans stop short of ``goal`` (the sequence ended), single random
+    positions fill up to it.
+
+    Returns:
+      (mask [n] bool with exactly ``min(goal, n)`` True, span mask before the fill).
+    """
+    mask = np.zeros(n, bool)
+    grams = np.arange(1, max_gram + 1)
+    p = 1.0 / grams
+    p /= p.sum()
+    count, cur = 0, 0
+    while cur < n and count < goal:
+        g = min(int(rng.choice(grams, p=p)), goal - count)
+        ctx = (g * mask_alpha) // mask_beta
+        left = int(rng.integers(ctx))
+        beg = cur + left
+        end = beg + g
+        if end >= n:  # as the original: a span reaching the end is not taken
+            break
+        mask[beg:end] = True
+        count += g
+        cur = end + ctx - left
+    spans = mask.copy()
+    free = np.flatnonzero(~mask)
+    need = min(goal, n) - count
+    if need > 0:
+        mask[rng.choice(free, size=need, replace=False)] = True
+    return mask, spans
+
+
+def xlnet_local_perm(length: int, is_masked: np.ndarray, functional: np.ndarray,
+                     perm_size: int, rng: np.random.Generator) -> np.ndarray:
+    """zihangdai/xlnet ``_local_perm``: the factorisation order as ranks.
+
+    One permutation of ``perm_size`` offsets, shared by every block of
+    ``perm_size`` positions (blocks keep their order). Tokens that are
+    neither masked nor functional get rank -1: every position sees them and
+    they see no masked or functional token.
+
+    Returns:
+      [length] int32 ``rev_index``: -1, or the rank.
+    """
+    blocks = -(-length // perm_size)
+    sigma = rng.permutation(perm_size)
+    index = (np.arange(blocks)[:, None] * perm_size + sigma[None, :]).reshape(-1)[:length]
+    visible = ~is_masked & ~functional
+    return np.where(visible, -1, index).astype(np.int32)
+
+
+def plm_masks_from_ranks(rev_index: np.ndarray, is_target: np.ndarray) -> np.ndarray:
+    """``perm_mask`` [L, L] (1 = i cannot attend j) from ranks, as ``_local_perm``.
+
+    Targets cannot see themselves; other tokens can. ``i`` cannot attend
+    ``j`` iff ``self_rank[i] <= rank[j]`` and ``j`` is masked or functional.
+    The model builds the same mask from the ``perm_index`` feature
+    (:func:`protlm_jax.objectives_xlnet.perm_mask`); this is the reference.
+    """
+    self_rev = np.where(is_target, rev_index, rev_index + 1)
+    return ((self_rev[:, None] <= rev_index[None, :]) & (rev_index[None, :] >= 0)).astype(
+        np.int32)
+
+
+def xlnet_plm(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, int]] = None,
+              num_predict: int = 85, perm_size: int = 256, mask_alpha: int = 6,
+              mask_beta: int = 1, max_gram: int = 5,
+              vocabulary: Optional[ProtXLNetVocabulary] = None) -> tf.data.Dataset:
+    """XLNet permutation-LM examples: ``residues <sep> <cls>`` with an order and targets.
+
+    Expects ``inputs`` as ProtXLNet residue ids (cropped to leave 2 tokens).
+    A protein of n residues gets ``round(n * num_predict / length)`` targets
+    (at least 1, at most ``num_predict``: the share ``num_predict / length``
+    of the XLNet recipe, for proteins of every length) chosen by
+    :func:`xlnet_span_mask`, and a factorisation order by
+    :func:`xlnet_local_perm` (``<sep>``/``<cls>`` are functional). Outputs:
+
+    * ``inputs``: [n + 2] ids;
+    * ``perm_index``: [n + 2] ``rev_index + 2`` (1: visible context, >= 2:
+      rank + 2 of masked and functional tokens; padding 0);
+    * ``target_positions``: [targets] position + 1 of each target, ascending.
+
+    ``num_predict`` is the ``target_positions`` feature length when given.
+    The random part uses seqio's per-example seeds (new each epoch).
+    """
+    vocabulary = vocabulary or ProtXLNetVocabulary()
+    lengths = dict(sequence_length or {})
+    num_predict = int(lengths.get("target_positions", num_predict))
+    seq_len = int(lengths.get("inputs", 512))
+    sep, cls = vocabulary.SEP_ID, vocabulary.CLS_ID
+
+    def build(tokens, seed):
+        rng = np.random.default_rng(np.asarray(seed, np.int64) & 0xFFFFFFFF)
+        n = len(tokens)
+        goal = min(num_predict, max(1, int(round(n * num_predict / seq_len))))
+        mask, _ = xlnet_span_mask(n, goal, rng, max_gram=max_gram, mask_alpha=mask_alpha,
+                                  mask_beta=mask_beta)
+        ids = np.concatenate([tokens.astype(np.int32), np.array([sep, cls], np.int32)])
+        is_masked = np.concatenate([mask, [False, False]])
+        functional = np.zeros(n + 2, bool)
+        functional[-2:] = True
+        rev = xlnet_local_perm(n + 2, is_masked, functional, perm_size, rng)
+        targets = np.flatnonzero(is_masked & ~functional)[:num_predict] + 1
+        return ids, (rev + 2).astype(np.int32), targets.astype(np.int32)
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def fn(x, seed):
+        x = dict(x)
+        ids, perm, targets = tf.numpy_function(build, [x["inputs"], seed],
+                                               [tf.int32, tf.int32, tf.int32], stateful=False)
+        x["inputs"] = tf.ensure_shape(ids, [None])
+        x["perm_index"] = tf.ensure_shape(perm, [None])
+        x["target_positions"] = tf.ensure_shape(targets, [None])
         return x
 
     return fn(dataset)

@@ -283,3 +283,45 @@ class VocabTxtVocabulary(_CharVocabulary):
 
     def __hash__(self):
         return hash((type(self).__name__, self.tokens))
+
+
+# ProtXLNet: the 20 standard residues (rare ones and X are <unk>, as ProtTrans
+# maps [UZOBX] to <unk> for XLNet).
+PROTXLNET_RESIDUES = "LAGVESIKRDTPNQFYMHCW"
+PROTXLNET_SPECIALS = ("<unk>", "<s>", "</s>", "<cls>", "<sep>", "<pad>", "<mask>", "<eod>",
+                      "<eop>")
+
+
+class ProtXLNetVocabulary(_CharVocabulary):
+    """The ProtXLNet vocabulary of protlm-jax: 32 ids.
+
+    XLNet's standard special ids 0 ``<unk>``, 1 ``<s>``, 2 ``</s>``, 3
+    ``<cls>``, 4 ``<sep>``, 5 ``<pad>``, 6 ``<mask>``, 7 ``<eod>``, 8
+    ``<eop>``; 9..28 the 20 standard residues (ProtBert's order); 29..31
+    unused (the table splits 2, 4 or 8 ways). U Z O B and X are ``<unk>``.
+    A protein is ``residues <sep> <cls>`` (``<sep>`` is the EOS id),
+    padded on the left. The published ProtXLNet's own piece ids are
+    UNVERIFIED: an imported checkpoint tokenizes with its ``spiece.model``.
+    """
+
+    UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID, PAD_ID, MASK_ID = 0, 1, 2, 3, 4, 5, 6
+    UNUSED = 3
+
+    def __init__(self):
+        super().__init__(list(PROTXLNET_SPECIALS), PROTXLNET_RESIDUES, eos_id=self.SEP_ID,
+                         unk_id=self.UNK_ID, hidden=(1, 2, 3, 4, 5))
+        self._pieces += [f"<unused{i}>" for i in range(self.UNUSED)]
+        self._base_size += self.UNUSED
+
+    def special_names(self) -> dict[str, int]:
+        names = {name: i for i, name in enumerate(PROTXLNET_SPECIALS)}
+        names.update({f"<unused{i}>": self._base_size - self.UNUSED + i
+                      for i in range(self.UNUSED)})
+        return names
+
+    def residue_ids(self) -> dict[str, int]:
+        return {r: i for i, r in enumerate(PROTXLNET_RESIDUES, start=len(PROTXLNET_SPECIALS))}
+
+    @property
+    def pad_id(self) -> int:
+        return self.PAD_ID

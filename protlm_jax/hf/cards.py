@@ -8,7 +8,7 @@ tokens, per protein the mean over residues only.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence, Tuple, Union
 
 from protlm_jax.data.residues import RARE_RESIDUES_PATTERN
 
@@ -53,7 +53,7 @@ protein_0 = emb_0.mean(dim=0)  # per protein: mean over residues only
 
 def render(*, title: str, heading: str, intro: str, header: Tuple[str, str],
            rows: Sequence[Tuple[str, str]], details: str, snippet_name: str,
-           snippet: Tuple[str, str, int], outro: str) -> str:
+           snippet: Union[Tuple[str, str, int], str], outro: str) -> str:
     """A model card: front matter, a table, a paragraph, the usage snippet.
 
     Args:
@@ -63,7 +63,7 @@ def render(*, title: str, heading: str, intro: str, header: Tuple[str, str],
       header, rows: the table (two columns).
       details: a paragraph after the table (objective, vocabulary, …).
       snippet_name: whose snippet ("ProtTrans", "ProtBert").
-      snippet: :func:`usage_snippet`'s spec.
+      snippet: :func:`usage_snippet`'s spec, or a family's own fenced snippet.
       outro: the closing lines.
     """
     table = "\n".join(f"| {a} | {b} |" for a, b in rows)
@@ -87,6 +87,6 @@ tags:
 
 ## Per-residue and per-protein embeddings (the {snippet_name} snippet)
 
-{usage_snippet(snippet)}
+{snippet if isinstance(snippet, str) else usage_snippet(snippet)}
 {outro}
 """

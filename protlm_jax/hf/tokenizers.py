@@ -9,7 +9,8 @@
   tokenizer's ``extra_ids=100`` sentinels counting down from 127. Only
   ``</s>`` is appended; there is no BOS.
 * ProtBert-style ``vocab.txt`` (WordPiece, ``do_lower_case=False``).
-* ALBERT SentencePiece models (:func:`albert_pieces`, :func:`write_albert_spiece`).
+* SentencePiece models of one piece per residue (:func:`write_spiece`; ALBERT's:
+  :func:`albert_pieces`, :func:`write_albert_spiece`; XLNet's in ``hf/xlnet.py``).
 * :func:`checkpoint_tokens`: the vocabulary a checkpoint ships.
 """
 
@@ -126,17 +127,25 @@ def albert_pieces(tokens: Optional[Sequence[str]] = None) -> List[Tuple[str, int
     return pieces
 
 
-def write_albert_spiece(path: str, tokens: Optional[Sequence[str]] = None) -> None:
-    """Writes the ALBERT SentencePiece model (unigram, no lower-casing);
-    ``tokens`` as :func:`albert_pieces`."""
+def spiece_pieces(tokens: Sequence[str]) -> List[Tuple[str, int]]:
+    """(piece, sentencepiece type) of a checkpoint's tokens in id order: residues
+    (one character) become ``▁X`` pieces, ``<unk>`` the unknown piece,
+    ``[MASK]`` user-defined, ``<unusedN>`` unused, other ``<…>``/``[…]`` names
+    control pieces."""
+    return albert_pieces(tokens)
+
+
+def write_spiece(path: str, pieces: Sequence[Tuple[str, int]], *, unk_id: int,
+                 pad_id: int = -1, bos_id: int = -1, eos_id: int = -1) -> None:
+    """Writes a unigram SentencePiece model of ``pieces`` (no lower-casing, no
+    normalisation: ids depend on upper-case residues)."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    pieces = albert_pieces(tokens)
     model = pb.ModelProto()
     model.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
     model.trainer_spec.vocab_size = len(pieces)
-    model.trainer_spec.pad_id, model.trainer_spec.unk_id = 0, 1
-    model.trainer_spec.bos_id, model.trainer_spec.eos_id = -1, -1
+    model.trainer_spec.pad_id, model.trainer_spec.unk_id = pad_id, unk_id
+    model.trainer_spec.bos_id, model.trainer_spec.eos_id = bos_id, eos_id
     model.normalizer_spec.name = "identity"
     model.normalizer_spec.add_dummy_prefix = True
     model.normalizer_spec.remove_extra_whitespaces = True
@@ -149,6 +158,10 @@ def write_albert_spiece(path: str, tokens: Optional[Sequence[str]] = None) -> No
         f.write(model.SerializeToString())
 
 
+def write_albert_spiece(path: str, tokens: Optional[Sequence[str]] = None) -> None:
+    """Writes the ALBERT SentencePiece model (unigram, no lower-casing);
+    ``tokens`` as :func:`albert_pieces`."""
+    write_spiece(path, albert_pieces(tokens), unk_id=1, pad_id=0)
 
 
 def write_vocab_txt(directory: str, tokens: Sequence[str], tokenizer_class: str,
