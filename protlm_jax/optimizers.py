@@ -91,10 +91,15 @@ class OptimizerConfig:
 
 
 def _decay_mask(params):
-    # Decay weight matrices and embeddings, not 1-D scales such as layer norms.
+    # Decay weight matrices and embeddings, not 1-D scales such as layer norms,
+    # nor biases of any rank (XLNet's per-head r_w_bias/r_r_bias/r_s_bias [N, K]).
     import jax
 
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    def decayed(path, p):
+        names = "/".join(str(getattr(k, "key", k)) for k in path)
+        return p.ndim >= 2 and "bias" not in names.rsplit("/", 1)[-1]
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:

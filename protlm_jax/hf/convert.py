@@ -176,9 +176,10 @@ def prottrans_embeddings(hf_dir: str, sequences: Sequence[str]) -> List[np.ndarr
     """Per-residue embeddings the way the published snippets compute them (torch CPU).
 
     The checkpoint's tokenizer (without lower-casing) and base model through
-    ``AutoTokenizer``/``AutoModel``; spaces between residues, rare residues ->
-    X, padding to the longest; residues sliced out around the family's special
-    tokens (its token layout). Used by the demo to compare against ``protlm embed``.
+    the family's ``REFERENCE_CLASSES``; spaces between residues, rare residues
+    -> X (the family's ``RARE_RESIDUES`` rule where it has one: XLNet's
+    ``[UZOBX]`` -> ``<unk>``), padding to the longest; residues sliced out
+    around the family's special tokens and padding side (its token layout). Used by the demo to compare against ``protlm embed``.
 
     Returns:
       One float32 [L, D] array per sequence.
@@ -192,12 +193,18 @@ def prottrans_embeddings(hf_dir: str, sequences: Sequence[str]) -> List[np.ndarr
                                                                         do_lower_case=False)
     model = getattr(transformers, model_class).from_pretrained(hf_dir).float().eval()
     layout = fam.layout
-    prepared = [" ".join(re.sub(RARE_RESIDUES_PATTERN, "X", s)) for s in sequences]
+    pattern, replacement = getattr(fam.hf(), "RARE_RESIDUES", (RARE_RESIDUES_PATTERN, "X"))
+    prepared = [re.sub(pattern, replacement, " ".join(s)) for s in sequences]
     ids = tokenizer(prepared, add_special_tokens=True, padding="longest")
     input_ids = torch.tensor(ids["input_ids"])
     attention_mask = torch.tensor(ids["attention_mask"])
     with torch.no_grad():
         out = model(input_ids=input_ids, attention_mask=attention_mask)
-    first = len(layout.prefix)
-    return [out.last_hidden_state[i, first:first + len(s)].numpy()
+    first, specials = len(layout.prefix), len(layout.prefix) + len(layout.suffix)
+    width = input_ids.shape[1]
+
+    def start(n):  # the first residue: after the prefix, and after padding on the left
+        return (width - n - specials if layout.padding == "left" else 0) + first
+
+    return [out.last_hidden_state[i, start(len(s)):start(len(s)) + len(s)].numpy()
             for i, s in enumerate(sequences)]

@@ -92,6 +92,25 @@ class EncoderView:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecoderView:
+    """What generation needs of one auto-regressive model (pure, jittable functions).
+
+    Attributes:
+      params: the params ``start``/``step`` take.
+      start: ``(params, prompt_BP, slots) -> (state, logits_BV)``: reads the
+        prompt ([B, P] ids, P >= 1) into a state sized for ``slots`` tokens
+        and gives the next token's logits.
+      step: ``(params, state, token_B) -> (state, logits_BV)``: appends one
+        token per row and gives the next logits.
+      end_ids: vocabulary attributes of the ids that end a sequence (``"SEP_ID"``).
+    """
+    params: Mapping[str, Any]
+    start: Callable[..., Tuple[Any, jax.Array]]
+    step: Callable[..., Tuple[Any, jax.Array]]
+    end_ids: Tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     """One model family, as the rest of the library sees it.
 
@@ -117,6 +136,8 @@ class Family:
       presets: published (and tiny) configs by name.
       matches: ``config -> bool`` when several families share a config class
         (BERT and ALBERT: ``BertConfig.family``); default: any instance.
+      decoder: ``(config, params) -> DecoderView`` of an auto-regressive
+        family (``protlm generate``); None: the family does not generate.
     """
     name: str
     config_class: type
@@ -134,6 +155,7 @@ class Family:
     hf_model_types: Tuple[str, ...]
     presets: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     matches: Optional[Callable[[Any], bool]] = None
+    decoder: Optional[Callable[[Any, Mapping[str, Any]], DecoderView]] = None
 
     def hf(self) -> Any:
         """The family's Hugging Face adapter module (``protlm_jax.hf.<family>``)."""

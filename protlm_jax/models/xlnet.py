@@ -53,8 +53,8 @@ import jax.numpy as jnp
 from protlm_jax import objectives_xlnet
 from protlm_jax.data.vocabularies import ProtXLNetVocabulary
 from protlm_jax.models import bert
-from protlm_jax.models.family import (EncoderView, Family, TokenLayout, from_presets, unscan,
-                                     where_valid)
+from protlm_jax.models.family import (DecoderView, EncoderView, Family, TokenLayout,
+                                     from_presets, unscan, where_valid)
 
 Array = jax.Array
 
@@ -629,6 +629,42 @@ def _encoder_view(config: XLNetConfig, params: Mapping[str, Any]) -> EncoderView
                        pad_id=cfg.pad_id)
 
 
+DUMMY_ID = 0  # HF appends id 0 as the position to predict
+
+
+def _decoder(config: XLNetConfig, params: Mapping[str, Any]) -> DecoderView:
+    """HF ``XLNetLMHeadModel.generate``'s scheme on a fixed-size cache: the
+    prompt and a dummy first; then, per new token, the last two tokens and a
+    dummy again (HF's ``offset = 2``), attending over the cached layer inputs
+    of every earlier position."""
+    cfg = inference_config(config)
+    model = XLNet(cfg)
+    tree = params.get("params", params)
+    if "lm_loss" not in tree or "mask_emb" not in tree:
+        raise ValueError("the checkpoint has no LM head (lm_loss, mask_emb): it was "
+                         "imported from an XLNetModel")
+    view_params = unscan(tree, abstract_params(cfg))
+
+    def start(p, prompt_BP, slots):
+        b, n = prompt_BP.shape
+        tokens = jnp.concatenate([prompt_BP, jnp.full((b, 1), DUMMY_ID, prompt_BP.dtype)], 1)
+        cache = jnp.zeros((cfg.n_layer, b, slots + 1, cfg.d_model), cfg.activation_dtype)
+        logits, cache = model.apply({"params": p}, tokens, cache, jnp.int32(0),
+                                    jnp.int32(n + 1), method="decode_step")
+        return (cache, prompt_BP[:, -1], jnp.int32(n)), logits
+
+    def step(p, state, token_B):
+        cache, last_B, n = state  # n tokens before token_B
+        b = token_B.shape[0]
+        tokens = jnp.stack([last_B, token_B.astype(last_B.dtype),
+                            jnp.full((b,), DUMMY_ID, last_B.dtype)], axis=1)
+        logits, cache = model.apply({"params": p}, tokens, cache, n - 1, n + 2,
+                                    method="decode_step")
+        return (cache, token_B.astype(last_B.dtype), n + 1), logits
+
+    return DecoderView(params=view_params, start=start, step=step, end_ids=("SEP_ID",))
+
+
 FAMILY = Family(
     name="xlnet", config_class=XLNetConfig,
     build=lambda c: (XLNet(c), ("encoder_input_tokens",)),
@@ -642,4 +678,4 @@ FAMILY = Family(
     stack_depths=lambda c: (c.n_layer,),
     with_stack_depths=lambda c, d: c.replace(scan_layers=False, n_layer=d[0]),
     hf_module="protlm_jax.hf.xlnet", hf_model_types=("xlnet",),
-    presets=XLNET_PRESETS)
+    presets=XLNET_PRESETS, decoder=_decoder)
