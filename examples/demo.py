@@ -7,7 +7,7 @@ Stages (later issues add embedding, probes and export):
   3. train     the tiny model of one family with ``protlm train`` (gin
                experiment ``<model>_demo``: ProtT5 by default, ``--model``
                prot_bert_tiny / prot_albert_tiny / prot_electra_tiny for the
-               auto-encoders), then a restart that resumes from the
+               auto-encoders, prot_xlnet_tiny for ProtXLNet), then a restart that resumes from the
                checkpoint, then the masked-residue loss on held-out proteins
                against the unigram entropy of the residues;
   4. probes    embeds subsets of the probe sets with the demo model, fits the
@@ -15,9 +15,13 @@ Stages (later issues add embedding, probes and export):
                membrane FNN (Q13/Q2, SCL2205 test) beside the one-hot /
                composition baseline, prints the tables (``stage_probes``);
   5. export    ``protlm export-hf`` of the demo model, the ProtTrans snippet
-               (ProtT5's, or ProtBert's for the auto-encoders) in transformers
-               on held-out proteins, and its largest difference from
-               ``protlm embed`` (``stage_export``).
+               (ProtT5's, ProtBert's for the auto-encoders, the XLNet one with
+               its left padding for ProtXLNet) in transformers on held-out
+               proteins, and its largest difference from ``protlm embed``
+               (``stage_export``);
+  6. generate  ProtXLNet only: ``protlm generate`` samples five sequences
+               (top_p 0.9, top_k 0, 100 residues: the ProtTrans Generate
+               notebook's settings) (``stage_generate``).
 
 Run as ``python examples/demo.py --workdir DIR [--model prot_bert_tiny]``
 (``make demo DEMO_MODEL=prot_bert_tiny``). It is a user of the library, not a
@@ -51,14 +55,22 @@ from protlm_jax.probes import datasets, evaluate, features, train  # noqa: E402
 
 SAMPLE = sample.SAMPLE
 CORPUS = sample.CORPUS
-TASKS = ("prott5", "t5_span_corruption", "mlm")
+# Pretraining tasks shown in stage 2, with their feature lengths.
+TASKS = {"prott5": {"inputs": 96, "targets": 96},
+         "t5_span_corruption": {"inputs": 96, "targets": 96},
+         "mlm": {"inputs": 96},
+         "plm": {"inputs": 96, "target_positions": 16}}
 # Demo models: (display name, pretraining task, held-out eval feature lengths).
 MODELS = {
     "prot_t5_tiny": ("ProtT5-tiny", "prott5", {"inputs": 512, "targets": 512}),
     "prot_bert_tiny": ("ProtBert-tiny", "mlm", {"inputs": 512}),
     "prot_albert_tiny": ("ProtAlbert-tiny", "mlm", {"inputs": 512}),
     "prot_electra_tiny": ("ProtElectra-tiny", "mlm", {"inputs": 512}),
+    "prot_xlnet_tiny": ("ProtXLNet-tiny", "plm", {"inputs": 512, "target_positions": 85}),
 }
+
+# Auto-regressive demo models: stage 6 samples sequences from them.
+GENERATING = ("prot_xlnet_tiny",)
 
 
 def _banner(text: str) -> None:
@@ -89,12 +101,11 @@ def stage_prepare(workdir: pathlib.Path) -> pathlib.Path:
 def stage_examples(data_dir: pathlib.Path) -> None:
     """Prints decoded examples of every task on the prepared sample."""
 
-    for objective in TASKS:
+    for objective, lengths in TASKS.items():
         task = f"{CORPUS}_{objective}"
         _banner(f"2. protlm examples --task {task}")
-        print(inspect_tasks.format_examples(
-            task, {"inputs": 96, "targets": 96}, split="validation", num=2,
-            data_dir=str(data_dir)))
+        print(inspect_tasks.format_examples(task, lengths, split="validation", num=2,
+                                            data_dir=str(data_dir)))
 
 
 def unigram_entropy(data_dir: pathlib.Path) -> float:
@@ -218,6 +229,8 @@ def stage_export(workdir: pathlib.Path, model_dir: pathlib.Path) -> float:
     """
     embedder = embed.load_model(str(model_dir))
     is_t5 = embedder.family.name == "t5"
+    snippet = {"t5": "ProtTrans", "xlnet": "ProtTrans XLNet"}.get(embedder.family.name,
+                                                                  "ProtBert")
     hf_dir = workdir / f"{model_dir.name}_hf"
     extra = ["--encoder_only"] if is_t5 else []
     _banner(f"5. protlm export-hf --model {model_dir} --output {hf_dir} {' '.join(extra)}")
@@ -236,8 +249,8 @@ def stage_export(workdir: pathlib.Path, model_dir: pathlib.Path) -> float:
     theirs = convert.prottrans_embeddings(str(hf_dir), [s for _, s in held_out])
     ours = dict(embedder.embed(held_out))
     worst = 0.0
-    print(f"{'ProtTrans' if is_t5 else 'ProtBert'} snippet (transformers, torch CPU) vs "
-          "protlm embed, per residue:")
+    print(f"{snippet} snippet (transformers, torch CPU) vs protlm embed, per residue"
+          f"{' (a left-padded batch)' if embedder.family.layout.padding == 'left' else ''}:")
     for (ident, seq), emb in zip(held_out, theirs):
         diff = float(np.abs(ours[ident] - emb).max())
         worst = max(worst, diff)
@@ -245,6 +258,29 @@ def stage_export(workdir: pathlib.Path, model_dir: pathlib.Path) -> float:
     print(f"largest difference from protlm embed: {worst:.2e} "
           f"({'within' if worst <= 1e-5 else 'ABOVE'} 1e-5)")
     return worst
+
+
+def stage_generate(workdir: pathlib.Path, model_dir: pathlib.Path) -> list:
+    """``protlm generate`` (auto-regressive families): a few sampled sequences,
+    with their residue composition beside the training residues'.
+
+    Returns:
+      The generated sequences.
+    """
+    out = workdir / f"{model_dir.name}_generated.fasta"
+    args = ["generate", "--model", str(model_dir), "--num", "5", "--output", str(out),
+            "--max_length", "100", "--top_p", "0.9", "--top_k", "0", "--seed", "0"]
+    _banner(f"6. protlm {' '.join(args[1:])}")
+    if cli.main(args):
+        raise SystemExit("generation failed")
+    text = out.read_text()
+    print(text)
+    sequences = ["".join(block.splitlines()[1:]) for block in text.split(">")[1:]]
+    counts = collections.Counter("".join(sequences))
+    total = sum(counts.values())
+    print("residue shares of the generated sequences (%): " + " ".join(
+        f"{r}{100 * c / total:.0f}" for r, c in counts.most_common()))
+    return sequences
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -266,6 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model_dir = stage_train(workdir, data_dir, args.train_steps, args.model)
         stage_probes(workdir, model_dir, MODELS[args.model][0])
         stage_export(workdir, model_dir)
+        if args.model in GENERATING:
+            stage_generate(workdir, model_dir)
     _banner(f"demo done: shards and stats in {data_dir / CORPUS}")
     return 0
 

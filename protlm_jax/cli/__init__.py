@@ -8,8 +8,10 @@
     protlm plan  --gin_file=FILE --mesh=DATAxMODEL --peak_tflops=T [--gin.MACRO=value …]
     protlm probe --task SPEC (--model DIR | --embeddings H5 | --baseline onehot) --output OUT
     protlm embed --model DIR --input X.fasta --output Y.h5 [--per_protein] [--layers -1 …]
+    protlm generate --model DIR --num N --output FASTA [--prompt SEQ] [--max_length 100]
+                    [--top_p 0.9] [--top_k 0] [--temperature 1] [--greedy] [--seed 0]
     protlm export-hf --model DIR --output HF_DIR [--encoder_only] [--dtype float32|float16|bfloat16]
-                     [--max_shard_size 5GB] [--step N]      (T5, BERT, ALBERT, ELECTRA)
+                     [--max_shard_size 5GB] [--step N]      (T5, BERT, ALBERT, ELECTRA, XLNet)
     protlm import-hf --input HF_DIR --output DIR [--step N] [--model_parallel_size N]
                      [--scan_layers] [--generator HF_DIR] [--vocab_pad_to_multiple N]
 
@@ -33,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import protlm_tasks  # noqa: E402,F401  (registers the seqio tasks `examples` prints)
 from protlm_jax import embed, gin_config  # noqa: E402
 from protlm_jax.cli import data as data_cmd  # noqa: E402
+from protlm_jax.cli import generate as generate_cmd  # noqa: E402
 from protlm_jax.cli import plan as plan_cmd  # noqa: E402
 from protlm_jax.cli import probe as probe_cmd  # noqa: E402
 from protlm_jax.data import inspect_tasks, prepare  # noqa: E402
@@ -148,10 +151,11 @@ def _add_hf(sub) -> None:
     p.add_argument("--max_shard_size", default="5GB", metavar="SIZE",
                    help="split the weights into shards of at most SIZE (default 5GB)")
     p = sub.add_parser(
-        "import-hf", help="Hugging Face directory (T5, BERT, ALBERT, ELECTRA) → protlm "
+        "import-hf", help="Hugging Face directory (T5, BERT, ALBERT, ELECTRA, XLNet) → protlm "
         "MODEL_DIR",
         description="Reads a T5ForConditionalGeneration / T5EncoderModel, BertForMaskedLM / "
-        "BertModel, AlbertForMaskedLM / AlbertModel or ElectraForPreTraining / ElectraModel "
+        "BertModel, AlbertForMaskedLM / AlbertModel, ElectraForPreTraining / ElectraModel or "
+        "XLNetLMHeadModel / XLNetModel "
         "directory (config.json model_type decides; safetensors, sharded safetensors, or a "
         ".bin through torch.load(weights_only=True)) tensor by tensor into the mesh and "
         "writes a params-only checkpoint usable by protlm embed, protlm eval and "
@@ -290,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_examples(sub)
     _add_probe(sub)
     _add_embed(sub)
+    generate_cmd.add_arguments(sub.add_parser(
+        "generate", help="sample protein sequences from an auto-regressive model (ProtXLNet)",
+        description="Samples sequences (greedy, or temperature / top-k / nucleus sampling "
+        "as Hugging Face generate) from a MODEL_DIR or Hugging Face directory of an "
+        "auto-regressive family and writes them as FASTA."))
     _add_hf(sub)
     _add_gin_run(sub, "train", "train or resume a model configured with gin")
     _add_gin_run(sub, "eval", "evaluate a checkpoint configured with gin")
@@ -320,6 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return probe_cmd.run(args)
         if args.command == "embed":
             return _run_embed(args)
+        if args.command == "generate":
+            return generate_cmd.run(args)
         if args.command in ("export-hf", "import-hf"):
             return _run_hf(args)
         if args.command in ("train", "eval", "plan"):

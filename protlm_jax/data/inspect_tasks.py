@@ -18,6 +18,23 @@ def _wrap(label: str, text: str, width: int = 100) -> str:
                      for i, line in enumerate(lines))
 
 
+def _plm_lines(ex, vocab) -> list:
+    """A permutation-LM example: residues, the targets marked, their order."""
+    inputs, perm = ex["inputs"], ex["perm_index"]
+    targets = ex["target_positions"] - 1
+    n = len(inputs) - 2  # residues <sep> <cls>
+    marks = np.full(n, " ")
+    marks[targets[targets < n]] = "^"
+    order = targets[np.argsort(perm[targets], kind="stable")]
+    return [f"- {ex['id'].decode()}  inputs {len(inputs)} tokens (residues <sep> <cls>), "
+            f"{len(targets)} targets",
+            _wrap("inputs : ", vocab.decode(inputs.tolist())),
+            _wrap("targets: ", "".join(marks)),
+            f"  predicted {len(targets)} of {n} residues ({len(targets) / max(n, 1):.1%}); "
+            f"factorisation order of the targets (positions): "
+            f"{' '.join(map(str, order[:12].tolist()))}{' …' if len(order) > 12 else ''}"]
+
+
 def format_examples(task_name: str, feature_lengths: Mapping[str, int], *,
                     split: str = "train", num: int = 2, seed: int = 0,
                     data_dir: Optional[str] = None) -> str:
@@ -51,6 +68,9 @@ def format_examples(task_name: str, feature_lengths: Mapping[str, int], *,
     vocab = task.output_features["inputs"].vocabulary
     out = [f"== {task_name} ({split}, lengths {dict(feature_lengths)}) =="]
     for ex in examples:
+        if "perm_index" in ex:
+            out += _plm_lines(ex, vocab)
+            continue
         inputs, targets = ex["inputs"], ex["targets"]
         out.append(f"- {ex['id'].decode()}  inputs {len(inputs)} tokens, "
                    f"targets {len(targets)} tokens")

@@ -604,7 +604,8 @@ def abstract_params(config: XLNetConfig, encoding_only: bool = False) -> Any:
                                                   **kwargs), jax.random.PRNGKey(0))["params"]
 
 
-ENCODING_COLLECTIONS = ("word_embedding", "encoder")
+# What embedding reads, and `export-hf --encoder_only` writes (XLNetModel has mask_emb).
+ENCODING_COLLECTIONS = ("word_embedding", "mask_emb", "encoder")
 
 
 def inference_config(config: XLNetConfig) -> XLNetConfig:
