@@ -270,7 +270,7 @@ def stage_generate(workdir: pathlib.Path, model_dir: pathlib.Path) -> list:
     out = workdir / f"{model_dir.name}_generated.fasta"
     args = ["generate", "--model", str(model_dir), "--num", "5", "--output", str(out),
             "--max_length", "100", "--top_p", "0.9", "--top_k", "0", "--seed", "0"]
-    _banner(f"6. protlm {' '.join(args[1:])}")
+    _banner(f"6. protlm {' '.join(args)}")
     if cli.main(args):
         raise SystemExit("generation failed")
     text = out.read_text()

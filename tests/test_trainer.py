@@ -104,7 +104,9 @@ def test_nonfinite_update_is_not_applied(tmp_path, prepared_sample):
 
 
 def _train_cmd(model_dir, *extra, experiment="prot_t5_tiny_demo"):
-    lengths = ("{'inputs': 64, 'targets': 64}" if "t5" in experiment else "{'inputs': 64}")
+    lengths = {"prot_t5_tiny_demo": "{'inputs': 64, 'targets': 64}",
+               "prot_xlnet_tiny_demo": "{'inputs': 64, 'target_positions': 11}"}.get(
+                   experiment, "{'inputs': 64}")
     return [sys.executable, "-m", "protlm_jax.cli", "train",
             f"--gin_file=gin/experiments/{experiment}.gin",
             f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=8",
@@ -133,18 +135,20 @@ def _env(prepared_sample, devices=1):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(tmp_path, prepared_sample):
+@pytest.mark.parametrize("experiment", ["prot_t5_tiny_demo", "prot_xlnet_tiny_demo"])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, prepared_sample, experiment):
     env = _env(prepared_sample)
     whole = tmp_path / "whole"
-    proc = subprocess.run(_train_cmd(whole), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(_train_cmd(whole, experiment=experiment), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = tmp_path / "killed"
-    proc = subprocess.run(_train_cmd(killed, "--gin.train.kill_at_step=7"), cwd=REPO,
+    proc = subprocess.run(_train_cmd(killed, "--gin.train.kill_at_step=7",
+                                     experiment=experiment), cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9  # SIGKILL, possibly while a save was in flight
-    proc = subprocess.run(_train_cmd(killed), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(_train_cmd(killed, experiment=experiment), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step" in proc.stdout
     # The gin config is saved beside every checkpoint (in its metadata).

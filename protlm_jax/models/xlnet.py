@@ -485,7 +485,8 @@ class XLNet(nn.Module):
                  token_type_ids: Optional[Array] = None,
                  mems: Optional[Sequence[Array]] = None, deterministic: bool = True,
                  return_mems: bool = False, hidden_states: bool = False,
-                 with_logits: bool = True) -> Dict[str, Any]:
+                 with_logits: bool = True,
+                 inputs_embeds: Optional[Array] = None) -> Dict[str, Any]:
         """The forward pass (HF ``XLNetLMHeadModel.forward``, batch-major).
 
         Args:
@@ -499,6 +500,8 @@ class XLNet(nn.Module):
           return_mems: also return the memory each layer passes on.
           hidden_states: also return every layer's content stream (unscanned).
           with_logits: compute the LM logits (needs the head).
+          inputs_embeds: [B, I, D] used instead of the word embeddings of
+            ``input_ids`` (HF ``inputs_embeds``; gradients with respect to inputs).
         """
         cfg = self.config
         b, qlen = input_ids.shape
@@ -506,7 +509,9 @@ class XLNet(nn.Module):
         klen = mlen + qlen
         mask_h, mask_g = build_masks(attention_mask, perm_mask, mlen, qlen)
         seg = segment_matrix(token_type_ids, mlen)
-        h = self.drop(self.word_embedding(input_ids), deterministic=deterministic)
+        emb = self.word_embedding(input_ids) if inputs_embeds is None else \
+            inputs_embeds.astype(cfg.activation_dtype)
+        h = self.drop(emb, deterministic=deterministic)
         h = nn.with_logical_constraint(h, _BLD)
         g = None
         if target_mapping is not None:
