@@ -179,7 +179,8 @@ def prottrans_embeddings(hf_dir: str, sequences: Sequence[str]) -> List[np.ndarr
     the family's ``REFERENCE_CLASSES``; spaces between residues, rare residues
     -> X (the family's ``RARE_RESIDUES`` rule where it has one: XLNet's
     ``[UZOBX]`` -> ``<unk>``), padding to the longest; residues sliced out
-    around the family's special tokens and padding side (its token layout). Used by the demo to compare against ``protlm embed``.
+    around the family's special tokens and padding side (its token layout).
+    Used by the demo to compare against ``protlm embed``.
 
     Returns:
       One float32 [L, D] array per sequence.
