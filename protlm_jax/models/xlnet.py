@@ -246,6 +246,7 @@ class RelAttention(nn.Module):
         visible (HF's content-stream mask)."""
         b, i, n, k = q_BINK.shape
         nq = -(-i // chunk)
+        chunk = -(-i // nq)  # equal blocks: at most nq - 1 padded queries
         pad = nq * chunk - i
         q = jnp.pad(q_BINK, ((0, 0), (0, pad), (0, 0), (0, 0)))
         q_nBCNK = q.reshape(b, nq, chunk, n, k).swapaxes(0, 1)
