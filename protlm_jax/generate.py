@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from protlm_jax import checkpoints, models
-from protlm_jax.data.vocabularies import VocabTxtVocabulary
+from protlm_jax import models
+from protlm_jax.embed import io as embed_io
 from protlm_jax.embed.engine import clean_sequence
 from protlm_jax.errors import ProtlmError
-from protlm_jax.hf import convert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,17 +159,9 @@ class Generator:
 
 
 def load_generator(path: str, step: Optional[int] = None) -> Generator:
-    """A :class:`Generator` for a training ``MODEL_DIR`` or a Hugging Face directory."""
-    if not os.path.isdir(path):
-        raise ProtlmError(f"{path}: no such model directory")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        if step is not None:
-            raise ProtlmError(f"{path}: --step applies to training MODEL_DIRs, "
-                              "not Hugging Face directories")
-        imported = convert.load(path, encoder_only=False)
-        return Generator(imported.config, imported.params, imported.vocabulary)
-    config, params, meta, _ = checkpoints.read_params(path, step, encoder_only=False)
-    vocab = VocabTxtVocabulary(meta["vocabulary"]) if meta.get("vocabulary") else None
+    """A :class:`Generator` for a training ``MODEL_DIR`` or a Hugging Face directory
+    (the whole model: generation needs the head)."""
+    config, params, vocab, _ = embed_io.read_model(path, step, encoder_only=False)
     return Generator(config, params, vocab)
 
 

@@ -46,6 +46,19 @@ def read_sample_records(path=SAMPLE, limit=None):
     return records
 
 
+def two_steps(run, batches):
+    """Initialises ``run`` (a Trainer) and takes one step per batch: (params, losses)."""
+    import jax
+
+    state = run.init_state()
+    fn = run.train_fn(state)
+    losses = []
+    for b in batches:
+        state, m = fn(state, run._global(b))
+        losses.append(float(m["loss"]) / float(m["weight"]))
+    return jax.device_get(state.params), losses
+
+
 @pytest.fixture(scope="session")
 def sample_path():
     return SAMPLE

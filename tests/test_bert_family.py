@@ -22,6 +22,8 @@ from protlm_jax.errors import ProtlmError
 from protlm_jax.models import bert, build_model, electra
 from protlm_jax.data.vocabularies import ProtBertVocabulary
 
+from conftest import two_steps  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
@@ -283,16 +285,6 @@ def _trainer(tmp_path, config, objective, data, devices=None, **kw):
         init_inputs=init_inputs, devices=devices)
 
 
-def _two_steps(run, batches):
-    state = run.init_state()
-    fn = run.train_fn(state)
-    losses = []
-    for b in batches:
-        state, m = fn(state, run._global(b))
-        losses.append(float(m["loss"]) / float(m["weight"]))
-    return jax.device_get(state.params), losses
-
-
 @pytest.mark.parametrize("name", ["prot_bert_tiny", "prot_albert_tiny", "prot_electra_tiny"])
 def test_sharded_2x4_steps_equal_one_device(tmp_path, mlm_batches, name):
     data, batches = mlm_batches
@@ -304,8 +296,8 @@ def test_sharded_2x4_steps_equal_one_device(tmp_path, mlm_batches, name):
     sharded = _trainer(tmp_path / "a", config, objective, data, model_parallel_size=4)
     assert dict(sharded.mesh.shape) == {"data": 2, "model": 4}
     single = _trainer(tmp_path / "b", config, objective, data, devices=jax.devices()[:1])
-    p_sharded, l_sharded = _two_steps(sharded, batches)
-    p_single, l_single = _two_steps(single, batches)
+    p_sharded, l_sharded = two_steps(sharded, batches)
+    p_single, l_single = two_steps(single, batches)
     np.testing.assert_allclose(l_sharded, l_single, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  p_sharded, p_single)

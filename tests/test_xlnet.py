@@ -25,6 +25,8 @@ from protlm_jax.hf import convert
 from protlm_jax.hf import xlnet as hf_xlnet
 from protlm_jax.models import build_model, family, xlnet
 
+from conftest import two_steps  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
@@ -407,6 +409,10 @@ def test_greedy_generate_equals_transformers(hf_model, params):
     assert all(s.startswith("MK") and re.fullmatch(r"[A-Z]+", s) for s in a)
     with pytest.raises(ProtlmError, match="top_p"):
         generate.SamplingConfig(top_p=0.0)
+    from protlm_jax.models import bert
+
+    with pytest.raises(ProtlmError, match="bert family does not generate.*xlnet"):
+        generate.Generator(bert.preset("prot_bert_tiny"), {})
 
 
 def test_filter_logits_keeps_the_nucleus():
@@ -457,16 +463,6 @@ def _trainer(tmp_path, config, devices=None, **kw):
         init_inputs=init_inputs, devices=devices)
 
 
-def _two_steps(run, batches):
-    state = run.init_state()
-    fn = run.train_fn(state)
-    losses = []
-    for b in batches:
-        state, m = fn(state, run._global(b))
-        losses.append(float(m["loss"]) / float(m["weight"]))
-    return jax.device_get(state.params), losses
-
-
 def test_sharded_2x4_steps_equal_one_device(tmp_path, prepared_sample):
     data = data_pipeline.DataConfig("uniprot_sample_plm", LENGTHS, pack=False)
     it = data_pipeline.batches(data, 8, seed=1)
@@ -475,8 +471,8 @@ def test_sharded_2x4_steps_equal_one_device(tmp_path, prepared_sample):
     sharded = _trainer(tmp_path / "a", config, model_parallel_size=4)
     assert dict(sharded.mesh.shape) == {"data": 2, "model": 4}
     single = _trainer(tmp_path / "b", config, devices=jax.devices()[:1])
-    p_sharded, l_sharded = _two_steps(sharded, batches)
-    p_single, l_single = _two_steps(single, batches)
+    p_sharded, l_sharded = two_steps(sharded, batches)
+    p_single, l_single = two_steps(single, batches)
     np.testing.assert_allclose(l_sharded, l_single, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  p_sharded, p_single)

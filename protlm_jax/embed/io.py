@@ -1,6 +1,7 @@
 """Embedding I/O: models from a MODEL_DIR or a Hugging Face directory, FASTA -> HDF5.
 
-* :func:`load_model` gives an :class:`~protlm_jax.embed.engine.Embedder` for a
+* :func:`read_model` reads any model directory (``protlm generate`` too);
+  :func:`load_model` gives an :class:`~protlm_jax.embed.engine.Embedder` for a
   training ``MODEL_DIR`` (its latest complete checkpoint, or a step; only what
   the family's encoder needs is read, straight into the mesh's shardings) or
   a Hugging Face directory (any registered family, with the checkpoint's own
@@ -26,15 +27,43 @@ from protlm_jax.errors import InputError, ProtlmError
 from protlm_jax.hf import convert
 
 
-def load_model(path: str, step: Optional[int] = None, *, mesh=None) -> Embedder:
-    """An :class:`Embedder` for a training ``MODEL_DIR`` or a Hugging Face dir.
+def read_model(path: str, step: Optional[int] = None, *, encoder_only: bool = True,
+               mesh=None):
+    """(config, params, vocabulary or None, step or None) of a training
+    ``MODEL_DIR`` or a Hugging Face directory.
 
-    A ``MODEL_DIR`` gives its latest complete checkpoint (or ``step``); only
-    what the encoder needs is read from it (an orbax partial restore: no
-    optimizer state, no decoder or heads), straight into the shardings of
-    ``mesh``. The model config (any family) comes from the checkpoint's
-    metadata, and so does an imported checkpoint's own vocabulary. A
-    directory with ``config.json`` is read as a Hugging Face checkpoint.
+    A ``MODEL_DIR`` gives its latest complete checkpoint (or ``step``);
+    ``encoder_only`` reads only what the family's encoder needs (an orbax
+    partial restore: no optimizer state, no decoder or heads), straight into
+    the shardings of ``mesh``. The model config (any family) comes from the
+    checkpoint's metadata, and so does an imported checkpoint's own
+    vocabulary. A directory with ``config.json`` is read as a Hugging Face
+    checkpoint (its own vocabulary).
+
+    Raises:
+      ProtlmError: no such directory, no complete checkpoint, unknown step.
+    """
+    if not os.path.isdir(path):
+        raise ProtlmError(f"{path}: no such model directory")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        if step is not None:
+            raise ProtlmError(f"{path}: --step applies to training MODEL_DIRs, "
+                              "not Hugging Face directories")
+        imported = convert.load(path, mesh=mesh, encoder_only=encoder_only)
+        return imported.config, imported.params, imported.vocabulary, None
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ProtlmError(f"{path}: neither a training MODEL_DIR (no checkpoints/) nor a "
+                          "Hugging Face directory (no config.json)")
+    mesh = mesh if mesh is not None else partitioning.create_mesh(1)
+    config, params, meta, step = checkpoints.read_params(path, step, encoder_only=encoder_only,
+                                                         mesh=mesh)
+    vocab = VocabTxtVocabulary(meta["vocabulary"]) if meta.get("vocabulary") else None
+    return config, params, vocab, step
+
+
+def load_model(path: str, step: Optional[int] = None, *, mesh=None) -> Embedder:
+    """An :class:`Embedder` for a training ``MODEL_DIR`` or a Hugging Face dir
+    (:func:`read_model`, encoder only).
 
     Args:
       path: the directory.
@@ -47,21 +76,7 @@ def load_model(path: str, step: Optional[int] = None, *, mesh=None) -> Embedder:
     Raises:
       ProtlmError: no such directory, no complete checkpoint, unknown step.
     """
-    if not os.path.isdir(path):
-        raise ProtlmError(f"{path}: no such model directory")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        if step is not None:
-            raise ProtlmError(f"{path}: --step applies to training MODEL_DIRs, "
-                              "not Hugging Face directories")
-        imported = convert.load(path, mesh=mesh, encoder_only=True)
-        return Embedder(imported.config, imported.params, imported.vocabulary, mesh)
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
-        raise ProtlmError(f"{path}: neither a training MODEL_DIR (no checkpoints/) nor a "
-                          "Hugging Face directory (no config.json)")
-    mesh = mesh if mesh is not None else partitioning.create_mesh(1)
-    config, params, meta, step = checkpoints.read_params(path, step, encoder_only=True,
-                                                         mesh=mesh)
-    vocab = VocabTxtVocabulary(meta["vocabulary"]) if meta.get("vocabulary") else None
+    config, params, vocab, step = read_model(path, step, encoder_only=True, mesh=mesh)
     embedder = Embedder(config, params, vocab, mesh)
     embedder.step = step
     return embedder
