@@ -392,7 +392,9 @@ def test_long_proteins_chunked_equal(params, sample_records):
     assert plain.max_tokens is None
 
 
-def test_greedy_generate_equals_transformers(hf_model, params):
+def test_greedy_generate_equals_transformers(exported, params):
+    """transformers' greedy generate on our export equals ours token for token."""
+    hf_model = transformers.XLNetLMHeadModel.from_pretrained(str(exported)).eval()
     gen = generate.Generator(TINY, params)
     for prompt in ("M", "MKTAYIAKQR"):
         ids = gen.prompt_ids(prompt)
