@@ -11,6 +11,7 @@ import collections
 import json
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,8 +107,9 @@ def _assert_close(a, b):
 @pytest.mark.parametrize("scan", [False, True])
 def test_hugging_face_to_ours_equal_both_streams(hf_model, params, batch, scan):
     cfg = TINY.replace(scan_layers=scan)
-    tree = params if not scan else jax.tree.map(
-        jnp.asarray, _scanned(params, cfg))
+    # The engine assembles straight into the scanned layout when asked.
+    tree = params if not scan else hf_xlnet.params_from_state_dict(
+        {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}, cfg)
     theirs = _hf(hf_model, batch, output_hidden_states=True)
     ours = _ours(cfg, tree, batch)
     # Query stream: logits at the targets under the same perm_mask / target_mapping.
@@ -123,17 +125,6 @@ def test_hugging_face_to_ours_equal_both_streams(hf_model, params, batch, scan):
                                   method="encode")["representations"]
     for i in range(3):
         _assert_close(enc[i], theirs.hidden_states[i].numpy())
-
-
-def _scanned(params, cfg):
-    """Unscanned params stacked into ``encoder/layers`` (the scanned layout)."""
-    flat = family.flat_paths(params)
-    out = {k: v for k, v in flat.items() if "/layers_" not in k}
-    tails = sorted({k.split("/", 2)[2] for k in flat if "/layers_" in k})
-    for t in tails:
-        out[f"encoder/layers/{t}"] = np.stack(
-            [flat[f"encoder/layers_{i}/{t}"] for i in range(cfg.n_layer)])
-    return family.unflatten(out)
 
 
 def test_memory_two_segments_equal(hf_model, params, batch):
@@ -165,7 +156,7 @@ def test_ours_to_hugging_face_equal(tmp_path, batch):
     model, _ = build_model(TINY)
     ours_params = model.init(jax.random.PRNGKey(3), jnp.asarray(batch["input_ids"]),
                              target_mapping=jnp.asarray(batch["target_mapping"]))["params"]
-    ours_params = jax.tree.map(np.asarray, nn_unbox(ours_params))
+    ours_params = jax.tree.map(np.asarray, nn.meta.unbox(ours_params))
     # Non-zero biases, so that the bias rules are exercised.
     ours_params["lm_loss"]["bias"] = np.linspace(-1, 1, TINY.vocab_size).astype(np.float32)
     out = tmp_path / "hf"
@@ -182,12 +173,6 @@ def test_ours_to_hugging_face_equal(tmp_path, batch):
     jax.tree.map(np.testing.assert_array_equal, family.flat_paths(back.params),
                  family.flat_paths(ours_params))
     assert back.has_head and back.architecture == "XLNetLMHeadModel"
-
-
-def nn_unbox(tree):
-    import flax.linen as nn
-
-    return nn.meta.unbox(tree)
 
 
 def test_query_stream_sees_only_earlier_tokens_in_the_order(params, batch):

@@ -201,7 +201,9 @@ def load(directory: str, *, mesh: Optional[jax.sharding.Mesh] = None,
       ProtlmError: one line on unsupported configs and bad tensors.
     """
     del encoder_only
-    overrides.pop("vocab_pad_to_multiple", None)
+    if overrides.pop("vocab_pad_to_multiple", None) is not None:
+        raise ProtlmError(f"{directory}: --vocab_pad_to_multiple applies to the BERT family; "
+                          "XLNet's 32-row vocabulary splits 2, 4 or 8 ways as it is")
     hf = files.read_config(directory)
     try:
         cfg = config_from_hf(hf, os.path.join(directory, "config.json")).replace(**overrides)

@@ -58,8 +58,8 @@ from protlm_jax.models.family import (DecoderView, EncoderView, Family, TokenLay
 
 Array = jax.Array
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_REMAT_POLICIES = ("none", "full", "dots")
+_DTYPES = bert._DTYPES  # the activation dtypes and remat policies of every family
+_REMAT_POLICIES = bert._REMAT_POLICIES
 _BLD = ("batch", "length", "embed")
 _BLNK = ("batch", "length", "heads", "kv")
 NEG_INF = 1e30  # HF's mask constant (float32; 65500 would be fp16's)
