@@ -94,17 +94,20 @@ class Generator:
         self.vocab = vocab if vocab is not None else family.vocabulary()
         self.family = family
         self.end_ids = {int(getattr(self.vocab, name)) for name in self.view.end_ids}
+        # A family whose proteins start after special tokens (ProtTXL: <eos>) reads
+        # the prompt after them, as at embedding time.
+        self.prefix_ids = family.layout.special_ids(self.vocab)[0]
         self.residues = {int(i): r for r, i in self.vocab.residue_ids().items()}
         self.unk_id = int(self.vocab.unk_id)
         self._start = jax.jit(self.view.start, static_argnums=(2,))
         self._step = jax.jit(self.view.step)
 
     def prompt_ids(self, prompt: str) -> List[int]:
-        """The prompt's ids (cleaned as for embedding)."""
+        """The prompt's ids (cleaned as for embedding, after the layout's prefix)."""
         seq = clean_sequence(prompt)
         if not seq or not seq.isascii() or not seq.isalpha():
             raise ProtlmError(f"--prompt {prompt!r}: give residue letters (at least one)")
-        return [int(i) for i in self.vocab.encode(seq)]
+        return list(self.prefix_ids) + [int(i) for i in self.vocab.encode(seq)]
 
     def token_ids(self, prompt: Sequence[int], rows: int, cfg: SamplingConfig,
                   batch_index: int = 0) -> np.ndarray:
@@ -153,7 +156,7 @@ class Generator:
         while done < num:
             tokens = self.token_ids(ids, rows, cfg, batch)
             for row in tokens[:num - done]:
-                yield self.to_sequence(row)
+                yield self.to_sequence(row[len(self.prefix_ids):])
             done += rows
             batch += 1
 

@@ -9,6 +9,13 @@
   clear message).
 * Randomness is ``fold_in(key(seed), step)``: a resumed run draws the same
   dropout masks as an uninterrupted one.
+* A *recurrent* objective (one with ``init_carry``, e.g. Transformer-XL's
+  memory) gets a ``carry`` in the train state: a pytree whose leaves are
+  batch-major (row b belongs to row b of every batch), sharded on the batch
+  axis, donated, checkpointed with the step, passed to the objective
+  (``objective(..., carry=c) -> (loss, sums, next carry)``) and split over
+  microbatches exactly as the batch rows are, so each row's order holds.
+  Evaluation starts from an empty carry and threads it through its batches.
 * The loop reads host-local batches, turns them into global arrays, logs one
   concise line per period (process 0 only) and TensorBoard scalars (clu), and
   checkpoints with orbax.
@@ -81,6 +88,17 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    carry: Any = None  # a recurrent objective's state (batch-major), else None
+
+
+def is_recurrent(objective) -> bool:
+    """Whether ``objective`` carries state across batches (has ``init_carry``)."""
+    return hasattr(objective, "init_carry")
+
+
+def _merge_microbatches(tree, m: int):
+    """Inverse of :func:`_split_microbatches`: [M, B/M, …] back to [B, …]."""
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((-1,) + x.shape[2:]), tree)
 
 
 def _split_microbatches(batch: Mapping[str, jax.Array], m: int):
@@ -102,28 +120,37 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, obje
       ``nonfinite`` (1 when the update was skipped)).
     """
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    recurrent = state.carry is not None
 
-    def grads_and_sums(mb, mb_rng):
+    def grads_and_sums(mb, mb_rng, mb_carry):
         def loss_fn(params):
-            return objective(model, params, mb, mb_rng, deterministic=False)
+            if recurrent:
+                total, sums, new = objective(model, params, mb, mb_rng, deterministic=False,
+                                             carry=mb_carry)
+                return total, (sums, new)
+            total, sums = objective(model, params, mb, mb_rng, deterministic=False)
+            return total, (sums, None)
 
-        (total, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return grads, dict(sums, objective=total)
+        (total, (sums, new)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return grads, dict(sums, objective=total), new
 
     if microbatches == 1:
-        grads, sums = grads_and_sums(batch, rng)
+        grads, sums, new_carry = grads_and_sums(batch, rng, state.carry)
     else:
         parts = _split_microbatches(batch, microbatches)
+        carries = _split_microbatches(state.carry, microbatches) if recurrent else None
         rngs = jax.random.split(rng, microbatches)
 
-        def body(carry, xs):
-            mb, mb_rng = xs
-            g, s = grads_and_sums(mb, mb_rng)
-            return jax.tree.map(jnp.add, carry, (g, s)), None
+        def body(acc, xs):
+            mb, mb_rng, mb_carry = xs
+            g, s, new = grads_and_sums(mb, mb_rng, mb_carry)
+            return jax.tree.map(jnp.add, acc, (g, s)), new
 
-        zero = jax.eval_shape(grads_and_sums, jax.tree.map(lambda x: x[0], parts), rngs[0])
+        first = jax.tree.map(lambda x: x[0], (parts, rngs, carries))
+        zero = jax.eval_shape(lambda *a: grads_and_sums(*a)[:2], *first)
         zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
-        (grads, sums), _ = jax.lax.scan(body, zero, (parts, rngs))
+        (grads, sums), new_parts = jax.lax.scan(body, zero, (parts, rngs, carries))
+        new_carry = _merge_microbatches(new_parts, microbatches) if recurrent else None
 
     # Σ-loss gradients → per-token mean over the whole global batch.
     denominator = jnp.maximum(sums["weight"], 1.0)
@@ -138,7 +165,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, obje
 
     new_state = TrainState(step=state.step + 1,
                            params=keep_if_finite(new_params, state.params),
-                           opt_state=keep_if_finite(new_opt_state, state.opt_state))
+                           opt_state=keep_if_finite(new_opt_state, state.opt_state),
+                           carry=keep_if_finite(new_carry, state.carry) if recurrent else None)
     metrics = dict(sums)
     metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm,
                    nonfinite=1.0 - finite.astype(jnp.float32))
@@ -149,6 +177,14 @@ def eval_step(params, batch: Mapping[str, jax.Array], *, model, objective) -> di
     """Metric sums on one batch, deterministic (no dropout)."""
     _, sums = objective(model, params, batch, jax.random.key(0), deterministic=True)
     return sums
+
+
+def eval_step_recurrent(params, carry, batch: Mapping[str, jax.Array], *, model,
+                        objective) -> tuple[dict, Any]:
+    """:func:`eval_step` of a recurrent objective: (metric sums, next carry)."""
+    _, sums, new = objective(model, params, batch, jax.random.key(0), deterministic=True,
+                             carry=carry)
+    return sums, new
 
 
 def maybe_initialize_distributed() -> None:
@@ -267,7 +303,27 @@ class Trainer:
                                    self.opt_state_shardings(param_shapes, param_shardings))
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-        return TrainState(step=step, params=params, opt_state=opt_state)
+        return TrainState(step=step, params=params, opt_state=opt_state,
+                          carry=self.abstract_carry(training=True))
+
+    def abstract_carry(self, training: bool = True) -> Any:
+        """The recurrent objective's carry for a global batch (``ShapeDtypeStruct``s
+        sharded on their leading, batch axis), or None."""
+        if not is_recurrent(self.objective):
+            return None
+        shapes = jax.eval_shape(lambda: self.objective.init_carry(
+            self.model, self.config.batch_size, training=training))
+        rows = partitioning.batch_sharding(self.mesh)
+        return _with_sharding(shapes, jax.tree.map(lambda _: rows, shapes))
+
+    def empty_carry(self, training: bool = True) -> Any:
+        """The carry a run (``training``) or an evaluation starts from, placed."""
+        abstract = self.abstract_carry(training)
+        if abstract is None:
+            return None
+        return jax.jit(lambda: self.objective.init_carry(self.model, self.config.batch_size,
+                                                         training=training),
+                       out_shardings=self.shardings_of(abstract))()
 
     def init_state(self) -> TrainState:
         """Sharded initialisation: nothing is materialised on one device first."""
@@ -285,7 +341,8 @@ class Trainer:
         opt_state = jax.jit(self.optimizer.init, in_shardings=(self.shardings_of(params),),
                             out_shardings=self.shardings_of(abstract.opt_state))(params)
         step = jax.device_put(jnp.zeros([], jnp.int32), abstract.step.sharding)
-        return TrainState(step=step, params=params, opt_state=opt_state)
+        return TrainState(step=step, params=params, opt_state=opt_state,
+                          carry=self.empty_carry(training=True))
 
     def opt_state_shardings(self, abstract_params, param_shardings):
         """Shardings of the optimizer state, explicit so nothing is replicated.
@@ -339,15 +396,25 @@ class Trainer:
         return self._train_fn
 
     def eval_fn(self, state: TrainState):
+        """``(params, batch) -> sums``; for a recurrent objective
+        ``(params, carry, batch) -> (sums, next carry)``."""
         if self._eval_fn is None:
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            fn = lambda p, b: eval_step(p, b, model=self.model,  # noqa: E731
-                                        objective=self.objective)
-            self._eval_fn = partitioning.partitioned_jit(
-                fn, self.mesh, self.rules,
-                in_shardings=(self.shardings_of(state.params),
-                              partitioning.batch_sharding(self.mesh)),
-                out_shardings=replicated)
+            rows = partitioning.batch_sharding(self.mesh)
+            params = self.shardings_of(state.params)
+            if is_recurrent(self.objective):
+                carry = self.shardings_of(self.abstract_carry(training=False))
+                fn = lambda p, c, b: eval_step_recurrent(  # noqa: E731
+                    p, c, b, model=self.model, objective=self.objective)
+                self._eval_fn = partitioning.partitioned_jit(
+                    fn, self.mesh, self.rules, in_shardings=(params, carry, rows),
+                    out_shardings=(replicated, carry), donate_argnums=(1,))
+            else:
+                fn = lambda p, b: eval_step(p, b, model=self.model,  # noqa: E731
+                                            objective=self.objective)
+                self._eval_fn = partitioning.partitioned_jit(
+                    fn, self.mesh, self.rules, in_shardings=(params, rows),
+                    out_shardings=replicated)
         return self._eval_fn
 
     def step_flops(self, state: TrainState) -> float:
@@ -387,10 +454,15 @@ class Trainer:
                  max_batches: Optional[int] = None) -> dict[str, float]:
         """Mean metrics over eval batches."""
         fn, total = self.eval_fn(state), None
+        carry = self.empty_carry(training=False)  # recurrent: every evaluation starts empty
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            sums = jax.device_get(fn(state.params, self._global(batch)))
+            if carry is None:
+                sums = fn(state.params, self._global(batch))
+            else:
+                sums, carry = fn(state.params, carry, self._global(batch))
+            sums = jax.device_get(sums)
             total = sums if total is None else jax.tree.map(np.add, total, sums)
         if total is None:
             return {}

@@ -8,6 +8,10 @@ For each corpus in :data:`CORPORA` and each objective:
   ``{corpus}_plm``                  XLNet permutation LM with the ProtXLNet vocabulary
                                     (``residues <sep> <cls>``; lengths ``inputs`` and
                                     ``target_positions`` = num_predict)
+  ``{corpus}_clm``                  Transformer-XL causal LM with the ProtTXL vocabulary:
+                                    feature ``stream`` (``residues <eos>`` per protein),
+                                    read as one token stream per batch row and cut into
+                                    segments of the length ``stream`` (data.pipeline)
 
 Shards are read from ``$PROTLM_DATA_DIR/{corpus}`` (see
 ``protlm_jax.data.sources``). Rare residues become X, then the sequence is
@@ -22,7 +26,8 @@ import seqio
 
 from protlm_jax.data import preprocessors as pp
 from protlm_jax.data.sources import corpus_source
-from protlm_jax.data.vocabularies import ProtBertVocabulary, ProtT5Vocabulary, ProtXLNetVocabulary
+from protlm_jax.data.vocabularies import (ProtBertVocabulary, ProtT5Vocabulary, ProtTXLVocabulary,
+                                         ProtXLNetVocabulary)
 
 # uniprot20k: the 20,000 UniProtKB records `protlm data fetch` obtains (prepared
 # with `protlm prepare`, e.g. with `--exclude` of the probe test sets).
@@ -47,6 +52,9 @@ PLM_OUTPUT_FEATURES = {
     "perm_index": seqio.Feature(seqio.PassThroughVocabulary(1 << 20), add_eos=False),
     "target_positions": seqio.Feature(seqio.PassThroughVocabulary(1 << 20), add_eos=False),
 }
+
+PROTTXL_VOCABULARY = ProtTXLVocabulary()
+CLM_OUTPUT_FEATURES = {"stream": seqio.Feature(PROTTXL_VOCABULARY, add_eos=True)}
 
 _CLEAN_AND_TOKENIZE = (
     functools.partial(seqio.preprocessors.rekey,
@@ -108,6 +116,21 @@ def _register(corpus: str) -> None:
             pp.xlnet_plm,
         ],
         output_features=PLM_OUTPUT_FEATURES,
+        metric_fns=[])
+
+    # Whole proteins (no cropping): the stream is cut into segments later.
+    seqio.TaskRegistry.add(
+        f"{corpus}_clm",
+        source=source,
+        preprocessors=[
+            functools.partial(seqio.preprocessors.rekey,
+                              key_map={"id": "id", "stream": "sequence"}),
+            functools.partial(pp.map_rare_residues, key="stream"),
+            functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+            seqio.CacheDatasetPlaceholder(),
+            seqio.preprocessors.append_eos,
+        ],
+        output_features=CLM_OUTPUT_FEATURES,
         metric_fns=[])
 
 

@@ -105,7 +105,8 @@ def test_nonfinite_update_is_not_applied(tmp_path, prepared_sample):
 
 def _train_cmd(model_dir, *extra, experiment="prot_t5_tiny_demo"):
     lengths = {"prot_t5_tiny_demo": "{'inputs': 64, 'targets': 64}",
-               "prot_xlnet_tiny_demo": "{'inputs': 64, 'target_positions': 11}"}.get(
+               "prot_xlnet_tiny_demo": "{'inputs': 64, 'target_positions': 11}",
+               "prot_txl_tiny_demo": "{'stream': 32}"}.get(
                    experiment, "{'inputs': 64}")
     return [sys.executable, "-m", "protlm_jax.cli", "train",
             f"--gin_file=gin/experiments/{experiment}.gin",
@@ -115,7 +116,7 @@ def _train_cmd(model_dir, *extra, experiment="prot_t5_tiny_demo"):
             "--gin.train.eval_data_config=None", *extra]
 
 
-def _final_params(model_dir):
+def _final_params(model_dir, part="params"):
     import orbax.checkpoint as ocp
 
     path = os.path.join(model_dir, "checkpoints", "8", "state")
@@ -124,7 +125,7 @@ def _final_params(model_dir):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           checkpointer.metadata(path).item_metadata)
-    return jax.device_get(checkpointer.restore(path, target)["params"])
+    return jax.device_get(checkpointer.restore(path, target)[part])
 
 
 def _env(prepared_sample, devices=1):
@@ -135,8 +136,11 @@ def _env(prepared_sample, devices=1):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["prot_t5_tiny_demo", "prot_xlnet_tiny_demo"])
+@pytest.mark.parametrize("experiment", ["prot_t5_tiny_demo", "prot_txl_tiny_demo"])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, prepared_sample, experiment):
+    """ProtT5 (Adafactor) and ProtTXL, whose train state carries each stream's
+    memory: params and memories after kill -9 and resume equal an
+    uninterrupted run bit for bit."""
     env = _env(prepared_sample)
     whole = tmp_path / "whole"
     proc = subprocess.run(_train_cmd(whole, experiment=experiment), cwd=REPO, env=env,
@@ -163,6 +167,11 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, prepared_sample, experim
     assert (whole / "checkpoints" / "operative_config.gin").exists()
     a, b = _final_params(whole), _final_params(killed)
     jax.tree.map(np.testing.assert_array_equal, a, b)
+    if experiment == "prot_txl_tiny_demo":
+        mem_a, mem_b = _final_params(whole, "carry"), _final_params(killed, "carry")
+        assert mem_a["mems"].shape == (8, 2, 64, 64)
+        assert int(mem_a["mem_valid"].min()) == 64 and np.abs(mem_a["mems"]).sum() > 0
+        jax.tree.map(np.testing.assert_array_equal, mem_a, mem_b)
 
 
 def _free_port():

@@ -131,3 +131,25 @@ class PLMFeatureConverter(seqio.FeatureConverter):
         return {"encoder_input_tokens": task_feature_lengths["inputs"],
                 "encoder_perm_index": task_feature_lengths["inputs"],
                 "encoder_target_positions": task_feature_lengths["target_positions"]}
+
+
+class StreamConverter:
+    """The causal-LM layout of the ``{corpus}_clm`` tasks (not a seqio converter).
+
+    A task whose output feature is ``stream`` (residues then ``<eos>``, one
+    protein per example) is read as one token stream per batch row (a
+    *column*) and cut into contiguous segments of the ``stream`` length S;
+    :func:`protlm_jax.data.pipeline.batches` does that. Model features, all
+    [B, S]: ``inputs`` (a segment), ``targets`` (the next token of each) and
+    ``weights`` (1; 0 on the padding a finite pass ends with).
+    """
+
+    MODEL_FEATURES = ("inputs", "targets", "weights")
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
+                                  ) -> dict[str, int]:
+        if "stream" not in task_feature_lengths:
+            raise ValueError("a stream task needs the feature length 'stream' (the segment "
+                             f"length), got {dict(task_feature_lengths)}")
+        n = int(task_feature_lengths["stream"])
+        return {k: n for k in self.MODEL_FEATURES}

@@ -17,7 +17,8 @@ from typing import Iterator, Mapping, Optional
 import numpy as np
 import seqio
 
-from protlm_jax.data.feature_converters import MLMFeatureConverter, PLMFeatureConverter
+from protlm_jax.data.feature_converters import (MLMFeatureConverter, PLMFeatureConverter,
+                                               StreamConverter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +46,12 @@ class DataConfig:
 
 
 def feature_converter(task_name: str, pack: bool):
-    """The seqio converter for a task, by its output features: MLM (``mlm_weights``),
-    permutation LM (``perm_index``; never packed), else encoder-decoder."""
+    """The seqio converter for a task, by its output features: causal-LM stream
+    (``stream``: :class:`StreamConverter`), MLM (``mlm_weights``), permutation
+    LM (``perm_index``; never packed), else encoder-decoder."""
     task = seqio.get_mixture_or_task(task_name)
+    if "stream" in task.output_features:
+        return StreamConverter()
     if "perm_index" in task.output_features:
         return PLMFeatureConverter(pack=False)
     if "mlm_weights" in task.output_features:
@@ -99,6 +103,12 @@ def batches(config: DataConfig, global_batch_size: int, *, seed: int,
     per_process = num_shards // process_count
     mine = range(process_index * per_process, (process_index + 1) * per_process)
     local = global_batch_size // num_shards
+    if isinstance(feature_converter(config.task, config.pack), StreamConverter):
+        streams = [column_segments(config, s, num_shards, local, seed, num_epochs, start_batch)
+                   for s in mine]
+        for parts in _zip_longest_padded(streams, local):
+            yield {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+        return
     streams = [_shard_stream(config, s, num_shards, local, seed, num_epochs)
                .skip(start_batch).as_numpy_iterator() for s in mine]
     if num_epochs is None:
@@ -116,3 +126,73 @@ def batches(config: DataConfig, global_batch_size: int, *, seed: int,
         parts = [_zero_rows(p if p is not None else {k: v[:0] for k, v in like.items()},
                             local) for p in parts]
         yield {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+
+# ------------------------------------------------------ causal-LM streams ---
+
+def column_segments(config: DataConfig, shard: int, num_shards: int, columns: int,
+                    seed: int, num_epochs: Optional[int], start_batch: int = 0
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """One data shard's ``columns`` token streams, one segment per batch.
+
+    The shard's proteins (each ``residues <eos>``, in its seeded order) are
+    dealt to the columns as they need them: at every batch, column 0 first,
+    a column short of ``S + 1`` tokens appends the shard's next protein. So
+    segment t + 1 of a column continues segment t exactly (the last target
+    of one is the first input of the next), and everything is a function of
+    (seed, batch): a resumed run replays ``start_batch`` batches of this
+    bookkeeping (no model work) and reads exactly what it would have read.
+    A finite pass (``num_epochs``) ends when every column is empty; columns
+    that run out first are padded with weight 0.
+
+    Yields:
+      dicts of int32 ``inputs``, ``targets``, ``weights`` [columns, S].
+    """
+    task = seqio.get_mixture_or_task(config.task)
+    seg = int(config.feature_lengths["stream"])
+    ds = task.get_dataset(sequence_length=None, split=config.split, shuffle=config.shuffle,
+                          seed=seed, shard_info=seqio.ShardInfo(index=shard,
+                                                                num_shards=num_shards),
+                          num_epochs=num_epochs, use_cached=config.use_cached,
+                          trim_output_features=False)
+    proteins = (np.asarray(x["stream"], np.int32) for x in ds.as_numpy_iterator())
+    buffers = [np.zeros(0, np.int32) for _ in range(columns)]
+    exhausted, batch = False, 0
+    while True:
+        inputs = np.zeros((columns, seg), np.int32)
+        targets = np.zeros((columns, seg), np.int32)
+        weights = np.zeros((columns, seg), np.int32)
+        for c in range(columns):
+            parts = [buffers[c]]
+            have = len(buffers[c])
+            while have < seg + 1 and not exhausted:
+                nxt = next(proteins, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                parts.append(nxt)
+                have += len(nxt)
+            buf = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            n = max(min(len(buf) - 1, seg), 0)
+            inputs[c, :n] = buf[:n]
+            targets[c, :n] = buf[1:n + 1]
+            weights[c, :n] = 1
+            buffers[c] = buf[n:] if n else buf[:0] if exhausted else buf
+        if exhausted and not weights.any():
+            return
+        if batch >= start_batch:
+            yield {"inputs": inputs, "targets": targets, "weights": weights}
+        batch += 1
+
+
+def _zip_longest_padded(streams, rows: int):
+    """Tuples of one batch per stream until every stream ends (ended ones: zero rows)."""
+    iterators = [iter(s) for s in streams]
+    like = None
+    while True:
+        parts = [next(it, None) for it in iterators]
+        if all(p is None for p in parts):
+            return
+        like = like or next(p for p in parts if p is not None)
+        yield [p if p is not None else {k: np.zeros_like(v) for k, v in like.items()}
+               for p in parts]

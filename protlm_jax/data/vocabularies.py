@@ -1,4 +1,4 @@
-"""ProtT5 and ProtBert vocabularies as ``seqio.Vocabulary`` subclasses.
+"""ProtT5, ProtBert, ProtXLNet and ProtTXL vocabularies as ``seqio.Vocabulary`` subclasses.
 
 Ids are exactly those of the published Hugging Face tokenizers (REFERENCE §2),
 so checkpoints move between protlm-jax and transformers unchanged.
@@ -217,7 +217,7 @@ class VocabTxtVocabulary(_CharVocabulary):
     imported model tokenizes with the table it was trained with: every
     one-character token (``A``, or ``▁A`` in a SentencePiece model) is a
     residue; ``[PAD]``/``<pad>``, ``[UNK]``/``<unk>``, ``[CLS]``, ``[SEP]``
-    and ``[MASK]`` are found by name. Characters without a token map to the
+    and ``[MASK]`` (and ProtTXL's ``<eos>``) are found by name. Characters without a token map to the
     unknown id, white space is skipped (as in :class:`ProtBertVocabulary`).
     """
 
@@ -239,7 +239,8 @@ class VocabTxtVocabulary(_CharVocabulary):
         self.MASK_ID = find("[MASK]", "<mask>")
         if self.UNK_ID is None:
             raise ValueError("vocabulary has no [UNK] or <unk> token")
-        self._eos_id = self.SEP_ID
+        # BERT-style [SEP]/</s>, else a causal LM's <eos> (ProtTXL) ends a sequence.
+        self._eos_id = self.SEP_ID if self.SEP_ID is not None else find("<eos>")
         self._unk_id = self.UNK_ID
         table = np.full([_TABLE_SIZE], self.UNK_ID, dtype=np.int32)
         for t, i in index.items():
@@ -249,7 +250,7 @@ class VocabTxtVocabulary(_CharVocabulary):
             table[ord(c)] = _SKIP
         self._char_to_id = table
         self._encode_map = {chr(c): int(i) for c, i in enumerate(table)}
-        hidden = {self.PAD_ID, self.CLS_ID, self.SEP_ID} - {None}
+        hidden = {self.PAD_ID, self.CLS_ID, self.SEP_ID, self._eos_id} - {None}
         self._pieces = ["" if i in hidden else t for i, t in enumerate(tokens)]
         self._base_size = len(tokens)
         self._num_specials = 0
@@ -321,6 +322,42 @@ class ProtXLNetVocabulary(_CharVocabulary):
 
     def residue_ids(self) -> dict[str, int]:
         return {r: i for i, r in enumerate(PROTXLNET_RESIDUES, start=len(PROTXLNET_SPECIALS))}
+
+    @property
+    def pad_id(self) -> int:
+        return self.PAD_ID
+
+
+PROTTXL_SPECIALS = ("<eos>", "<unk>")
+
+
+class ProtTXLVocabulary(_CharVocabulary):
+    """The ProtTXL vocabulary of protlm-jax: 32 ids.
+
+    0 ``<eos>`` (ends every protein of the stream; also the padding id of
+    embedding batches, which causal attention never looks ahead to), 1
+    ``<unk>``, 2..26 the 25 residue letters in ProtBert's order (X U B Z O
+    included), 27..31 unused (the table splits 2, 4 or 8 ways). ProtTXL was
+    never published, so no original ids exist to follow.
+    """
+
+    EOS_ID, UNK_ID, PAD_ID = 0, 1, 0
+    UNUSED = 5
+
+    def __init__(self):
+        super().__init__(list(PROTTXL_SPECIALS), PROTBERT_RESIDUES, eos_id=self.EOS_ID,
+                         unk_id=self.UNK_ID, hidden=(self.EOS_ID,))
+        self._pieces += [f"<unused{i}>" for i in range(self.UNUSED)]
+        self._base_size += self.UNUSED
+
+    def special_names(self) -> dict[str, int]:
+        names = {name: i for i, name in enumerate(PROTTXL_SPECIALS)}
+        names.update({f"<unused{i}>": self._base_size - self.UNUSED + i
+                      for i in range(self.UNUSED)})
+        return names
+
+    def residue_ids(self) -> dict[str, int]:
+        return {r: i for i, r in enumerate(PROTBERT_RESIDUES, start=len(PROTTXL_SPECIALS))}
 
     @property
     def pad_id(self) -> int:

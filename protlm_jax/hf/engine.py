@@ -22,7 +22,8 @@ Transforms (HF layout -> ours; the inverse on export):
 
   "copy"        same array                      norms, biases, embeddings
   "T"           transpose                       torch Linear [out, in] -> [in, out]
-  "heads_in"    [H*K, D] -> [D, H, K]           query, key, value
+  "heads_in"    [H*K, D] -> [D, H, K]           query, key, value (or [3*H*K, D] ->
+                                                [D, 3, H, K]: a fused q/k/v projection)
   "heads_bias"  [H*K] -> [H, K]                 their biases
   "heads_out"   [D, H*K] -> [H, K, D]           attention output projection
   "vocab_rows"  [V, E] -> [Vp, E]               word embeddings (zero rows pad to Vp)
@@ -176,7 +177,7 @@ def hf_shape(transform: str, ours: Sequence[int], vocab_size: Optional[int]) -> 
     if transform == "T":
         return ours[::-1]
     if transform == "heads_in":
-        return (ours[1] * ours[2], ours[0])
+        return (int(np.prod(ours[1:])), ours[0])
     if transform == "heads_bias":
         return (ours[0] * ours[1],)
     if transform == "heads_out":

@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any, Dict, Mapping, Optional
 
 from protlm_jax.errors import ProtlmError
-from protlm_jax.models import bert, electra, t5, xlnet
+from protlm_jax.models import bert, electra, t5, txl, xlnet
 from protlm_jax.models.family import EncoderView, Family, TokenLayout
 
 # The registry: one line per family.
@@ -26,6 +26,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     bert.ALBERT_FAMILY,
     electra.FAMILY,
     xlnet.FAMILY,
+    txl.FAMILY,
 )}
 
 __all__ = ["FAMILIES", "Family", "EncoderView", "TokenLayout", "lookup", "family_for",
@@ -78,6 +79,8 @@ def _guess_family(fields: Mapping[str, Any]) -> str:
     (from which fields its config has)."""
     if "discriminator" in fields or "generator" in fields:
         return "electra"
+    if "same_length" in fields:
+        return "txl"
     if "n_layer" in fields:
         return "xlnet"
     if "family" in fields:
