@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= /tmp/protlm-demo
 # The family the demo trains: prot_t5_tiny, prot_bert_tiny, prot_albert_tiny, prot_electra_tiny,
-# prot_xlnet_tiny.
+# prot_xlnet_tiny, prot_txl_tiny.
 DEMO_MODEL ?= prot_t5_tiny
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 2

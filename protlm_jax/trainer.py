@@ -91,6 +91,9 @@ class TrainState:
     carry: Any = None  # a recurrent objective's state (batch-major), else None
 
 
+MAX_STEPS_IN_FLIGHT = 2  # dispatched, unfinished steps the loop allows (see train)
+
+
 def is_recurrent(objective) -> bool:
     """Whether ``objective`` carries state across batches (has ``init_carry``)."""
     return hasattr(objective, "init_carry")
@@ -525,6 +528,13 @@ class Trainer:
                 raise ProtlmError("the training data ran out (use num_epochs=None)") from None
             state, metrics = train_fn(state, self._global(batch))
             pending.append(metrics)
+            if len(pending) > MAX_STEPS_IN_FLIGHT:
+                # Bounded asynchronous dispatch: with hundreds of tiny sharded steps
+                # queued, XLA:CPU's in-process all-reduce can wait forever for a
+                # participant whose thread is busy with a later step (seen with 8
+                # simulated devices on 2 cores); waiting on an earlier step's loss
+                # keeps the device fed without letting the host run away.
+                jax.block_until_ready(pending[-1 - MAX_STEPS_IN_FLIGHT]["loss"])
             if kill_at_step is not None and step + 1 == kill_at_step:
                 os.kill(os.getpid(), 9)
             done = step + 1

@@ -58,6 +58,8 @@ def format_examples(task_name: str, feature_lengths: Mapping[str, int], *,
         task = seqio.get_mixture_or_task(task_name)
     except ValueError:
         raise ProtlmError(f"unknown task {task_name!r}") from None
+    if "stream" in task.output_features:
+        return _stream_lines(task_name, feature_lengths, split, num, seed)
     try:
         ds = task.get_dataset(dict(feature_lengths), split=split, shuffle=False,
                               seed=seed)
@@ -86,4 +88,32 @@ def format_examples(task_name: str, feature_lengths: Mapping[str, int], *,
         else:
             sentinels = int(np.sum(inputs >= vocab.vocab_size - vocab.extra_ids))
             out.append(f"  {sentinels} sentinels in inputs")
+    return "\n".join(out)
+
+
+def _stream_lines(task_name: str, feature_lengths: Mapping[str, int], split: str, num: int,
+                  seed: int) -> str:
+    """A causal-LM stream task: ``num`` consecutive segments of the first of two
+    columns (``|`` marks the ``<eos>`` that ends each protein)."""
+    from protlm_jax.data import pipeline
+
+    vocab = seqio.get_mixture_or_task(task_name).output_features["stream"].vocabulary
+    names = {i: r for r, i in vocab.residue_ids().items()}
+    config = pipeline.DataConfig(task_name, dict(feature_lengths), split=split, pack=False,
+                                 shuffle=False)
+    try:
+        batches = pipeline.batches(config, 2, seed=seed, num_epochs=1)
+        segments = [next(batches) for _ in range(num)]
+    except StopIteration:
+        raise ProtlmError(f"{task_name}: split {split!r} has fewer than {num} segments") from None
+    except Exception as e:
+        raise ProtlmError(f"{task_name}: cannot read split {split!r} "
+                          f"({' '.join(str(e).split())[:200]})") from None
+    out = [f"== {task_name} ({split}, lengths {dict(feature_lengths)}): each batch row is "
+           f"one column of the token stream; segment t + 1 continues segment t =="]
+    for t, b in enumerate(segments):
+        text = "".join(names.get(int(i), "|" if int(i) == vocab.eos_id else "?")
+                       for i in b["inputs"][0][b["weights"][0] > 0])
+        out.append(f"- column 0, segment {t}: {int(b['weights'][0].sum())} tokens")
+        out.append(_wrap("inputs : ", text))
     return "\n".join(out)

@@ -180,15 +180,19 @@ def prottrans_embeddings(hf_dir: str, sequences: Sequence[str]) -> List[np.ndarr
     -> X (the family's ``RARE_RESIDUES`` rule where it has one: XLNet's
     ``[UZOBX]`` -> ``<unk>``), padding to the longest; residues sliced out
     around the family's special tokens and padding side (its token layout).
-    Used by the demo to compare against ``protlm embed``.
+    A family whose HF module defines ``reference_embeddings(hf_dir, sequences)``
+    runs that instead. Used by the demo to compare against ``protlm embed``.
 
     Returns:
       One float32 [L, D] array per sequence.
     """
+    fam = _family_of_dir(hf_dir)
+    own = getattr(fam.hf(), "reference_embeddings", None)
+    if own is not None:  # a family transformers cannot run (ProtTXL: torch reference)
+        return own(hf_dir, sequences)
     import torch  # heavy and optional: only the reference comparison needs them
     import transformers
 
-    fam = _family_of_dir(hf_dir)
     tokenizer_class, model_class, _ = fam.hf().REFERENCE_CLASSES
     tokenizer = getattr(transformers, tokenizer_class).from_pretrained(hf_dir,
                                                                         do_lower_case=False)

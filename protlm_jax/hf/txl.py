@@ -278,3 +278,35 @@ def model_card(config: TXLConfig, architecture: str, parameters: int, *, dtype: 
         snippet_name="torch", snippet=SNIPPET,
         outro="`protlm import-hf` turns this directory back into a protlm MODEL_DIR; "
               "`protlm generate --model` samples new sequences from it.")
+
+
+def reference_embeddings(hf_dir: str, sequences: Sequence[str]) -> List[Any]:
+    """Per-residue embeddings of an exported ProtTXL the way its card's snippet
+    computes them (torch, :mod:`protlm_jax.hf.txl_torch`): ``<eos> residues``,
+    segments of ``segment_len`` with the evaluation memory, the leading
+    ``<eos>`` dropped. What ``hf.convert.prottrans_embeddings`` runs for this
+    family (transformers 5 has no Transformer-XL to run instead)."""
+    import re
+
+    import torch
+
+    from protlm_jax.data.preprocessors import RARE_RESIDUES_PATTERN
+    from protlm_jax.hf.txl_torch import TransfoXLReference
+
+    model = TransfoXLReference.from_pretrained(hf_dir).eval()
+    config = files.read_config(hf_dir)
+    vocab = tokenizers.checkpoint_tokens(hf_dir) or VocabTxtVocabulary(vocabulary_tokens())
+    segment = int(config.get("segment_len") or 1 << 30)
+    mem_len = int(config.get("eval_mem_len") or config.get("mem_len") or 0)
+    out = []
+    for seq in sequences:
+        ids = [vocab.eos_id] + list(vocab.encode(re.sub(RARE_RESIDUES_PATTERN, "X", seq)))
+        mems, chunks = None, []
+        with torch.no_grad():
+            for start in range(0, len(ids), segment):
+                step = model(torch.tensor([ids[start:start + segment]]), mems=mems,
+                             mem_len=mem_len)
+                mems = step["mems"] if mem_len else None
+                chunks.append(step["hidden_states"][-1][0])
+        out.append(torch.cat(chunks)[1:].numpy())
+    return out
