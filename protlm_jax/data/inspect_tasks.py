@@ -7,6 +7,7 @@ from typing import Mapping, Optional
 import numpy as np
 import seqio
 
+from protlm_jax.data import pipeline
 from protlm_jax.data import sources as data_sources
 from protlm_jax.errors import ProtlmError
 
@@ -95,8 +96,6 @@ def _stream_lines(task_name: str, feature_lengths: Mapping[str, int], split: str
                   seed: int) -> str:
     """A causal-LM stream task: ``num`` consecutive segments of the first of two
     columns (``|`` marks the ``<eos>`` that ends each protein)."""
-    from protlm_jax.data import pipeline
-
     vocab = seqio.get_mixture_or_task(task_name).output_features["stream"].vocabulary
     names = {i: r for r, i in vocab.residue_ids().items()}
     config = pipeline.DataConfig(task_name, dict(feature_lengths), split=split, pack=False,

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import jax
 
+from protlm_jax.data.residues import RARE_RESIDUES_PATTERN
 from protlm_jax.data.vocabularies import (PROTBERT_RESIDUES, PROTTXL_SPECIALS,
                                           ProtTXLVocabulary, VocabTxtVocabulary)
 from protlm_jax.errors import ProtlmError
-from protlm_jax.hf import cards, engine, files, tokenizers
+from protlm_jax.hf import cards, engine, files, tokenizers, txl_torch
 from protlm_jax.hf.engine import Rule
 from protlm_jax.models import txl
 from protlm_jax.models.family import flat_paths
@@ -286,14 +288,9 @@ def reference_embeddings(hf_dir: str, sequences: Sequence[str]) -> List[Any]:
     segments of ``segment_len`` with the evaluation memory, the leading
     ``<eos>`` dropped. What ``hf.convert.prottrans_embeddings`` runs for this
     family (transformers 5 has no Transformer-XL to run instead)."""
-    import re
-
     import torch
 
-    from protlm_jax.data.preprocessors import RARE_RESIDUES_PATTERN
-    from protlm_jax.hf.txl_torch import TransfoXLReference
-
-    model = TransfoXLReference.from_pretrained(hf_dir).eval()
+    model = txl_torch.TransfoXLReference.from_pretrained(hf_dir).eval()
     config = files.read_config(hf_dir)
     vocab = tokenizers.checkpoint_tokens(hf_dir) or VocabTxtVocabulary(vocabulary_tokens())
     segment = int(config.get("segment_len") or 1 << 30)
