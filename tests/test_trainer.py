@@ -131,7 +131,11 @@ def _final_params(model_dir, part="params"):
 def _env(prepared_sample, devices=1):
     root, _ = prepared_sample
     env = dict(os.environ, PROTLM_DATA_DIR=str(root), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               # The runs of one test compile the same programs: share them (the
+               # executables are identical, so results are too; only time changes).
+               JAX_COMPILATION_CACHE_DIR=str(root.parent / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return env
 
 
