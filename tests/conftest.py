@@ -46,8 +46,9 @@ def read_sample_records(path=SAMPLE, limit=None):
     return records
 
 
-def two_steps(run, batches):
-    """Initialises ``run`` (a Trainer) and takes one step per batch: (params, losses)."""
+def two_steps(run, batches, with_carry=False):
+    """Initialises ``run`` (a Trainer) and takes one step per batch: (params,
+    losses), or ((params, carry), losses) with ``with_carry`` (recurrent objectives)."""
     import jax
 
     state = run.init_state()
@@ -56,7 +57,7 @@ def two_steps(run, batches):
     for b in batches:
         state, m = fn(state, run._global(b))
         losses.append(float(m["loss"]) / float(m["weight"]))
-    return jax.device_get(state.params), losses
+    return jax.device_get((state.params, state.carry) if with_carry else state.params), losses
 
 
 @pytest.fixture(scope="session")

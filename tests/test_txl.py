@@ -22,7 +22,7 @@ from protlm_jax.errors import ProtlmError
 from protlm_jax.hf import txl as hf_txl
 from protlm_jax.models import build_model, family, txl
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, two_steps  # noqa: E402
 
 torch = pytest.importorskip("torch")
 from protlm_jax.hf.txl_torch import TransfoXLReference  # noqa: E402
@@ -334,16 +334,6 @@ def _trainer(tmp_path, config, devices=None, **kw):
         init_inputs=init_inputs, devices=devices)
 
 
-def _steps(run, batches):
-    state = run.init_state()
-    fn = run.train_fn(state)
-    losses = []
-    for b in batches:
-        state, m = fn(state, run._global(b))
-        losses.append(float(m["loss"]) / float(m["weight"]))
-    return jax.device_get((state.params, state.carry)), losses
-
-
 def test_carried_memory_sharded_and_microbatched_equal_one_device(tmp_path, prepared_sample):
     data = data_pipeline.DataConfig("uniprot_sample_clm", STREAM, pack=False)
     it = data_pipeline.batches(data, 8, seed=1)
@@ -355,10 +345,10 @@ def test_carried_memory_sharded_and_microbatched_equal_one_device(tmp_path, prep
     assert dict(sharded.mesh.shape) == {"data": 2, "model": 4}
     micro = _trainer(tmp_path / "c", config, devices=jax.devices()[:2], microbatches=2)
     single = _trainer(tmp_path / "b", config, devices=jax.devices()[:1])
-    (p1, c1), l1 = _steps(single, batches)
+    (p1, c1), l1 = two_steps(single, batches, with_carry=True)
     assert c1["mems"].shape == (8, 1, 40, 64) and c1["mem_valid"].tolist() == [40] * 8
     for run in (sharded, micro):
-        (p, c), losses = _steps(run, batches)
+        (p, c), losses = two_steps(run, batches, with_carry=True)
         np.testing.assert_allclose(losses, l1, rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      (p, c), (p1, c1))
