@@ -221,19 +221,19 @@ def main() -> None:
         report.emit("txl_embed_long/segments_with_memory", r.get("seconds", float("nan")), "s",
                     residues=n, segment=seg_len, memory=mem, **r)
     a, b = sorted(one)
-    heads = cfg.n_head
-    report.emit("txl_embed_long/one_segment_scores_at_long", heads * args.long ** 2 * 4 / 2 ** 30,
+    report.emit("txl_embed_long/one_segment_scores_at_long",
+                cfg.n_head * args.long ** 2 * 4 / 2 ** 30,
                 "GiB", residues=args.long,
                 note="[heads, T, T] float32 attention scores alone; one segment is not run")
-    report.emit("txl_embed_long/vs_one_segment", segmented[b].get("seconds", float("nan"))
-                and one[b].get("seconds", float("nan")) / segmented[b].get("seconds", 1.0),
-                "x", residues=b,
+    nan = float("nan")
+    report.emit("txl_embed_long/vs_one_segment",
+                one[b].get("seconds", nan) / segmented[b].get("seconds", nan), "x", residues=b,
                 peak_rss_gib_one=one[b].get("peak_rss_gib"),
                 peak_rss_gib_segments=segmented[b].get("peak_rss_gib"),
                 peak_rss_gib_segments_long=segmented[args.long].get("peak_rss_gib"),
                 seconds_segments_long=segmented[args.long].get("seconds"),
-                growth_one_segment_rss=(one[b].get("peak_rss_gib", 0)
-                                        / max(one[a].get("peak_rss_gib", 1), 1e-9)))
+                growth_one_segment_rss=one[b].get("peak_rss_gib", nan)
+                / one[a].get("peak_rss_gib", nan))
     report.emit("run/wall", time.perf_counter() - wall, "s")
 
 

@@ -10,6 +10,7 @@ Inputs are real UniProt proteins from the bundled sample.
 import json
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,7 @@ TOL = 1e-5
 
 def _random_params(cfg, seed=0):
     """Every parameter random (norms near 1, biases non-zero), so no term hides."""
-    params = jax.device_get(nn_unbox(txl.TransfoXL(cfg).init(
+    params = jax.device_get(nn.meta.unbox(txl.TransfoXL(cfg).init(
         jax.random.key(seed), jnp.ones((1, 4), jnp.int32))["params"]))
     rng = np.random.default_rng(seed)
     flat = family.flat_paths(params)
@@ -44,12 +45,6 @@ def _random_params(cfg, seed=0):
         out[path] = (noise + (1.0 if path.endswith("layer_norm/scale") else 0.0)
                      ).astype(np.float32)
     return family.unflatten(out)
-
-
-def nn_unbox(tree):
-    import flax.linen as nn
-
-    return nn.meta.unbox(tree)
 
 
 def _tokens(sample_records, n, length):

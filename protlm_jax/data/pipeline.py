@@ -106,11 +106,9 @@ def batches(config: DataConfig, global_batch_size: int, *, seed: int,
     if isinstance(feature_converter(config.task, config.pack), StreamConverter):
         streams = [column_segments(config, s, num_shards, local, seed, num_epochs, start_batch)
                    for s in mine]
-        for parts in _zip_longest_padded(streams, local):
-            yield {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
-        return
-    streams = [_shard_stream(config, s, num_shards, local, seed, num_epochs)
-               .skip(start_batch).as_numpy_iterator() for s in mine]
+    else:
+        streams = [_shard_stream(config, s, num_shards, local, seed, num_epochs)
+                   .skip(start_batch).as_numpy_iterator() for s in mine]
     if num_epochs is None:
         while True:
             parts = [next(stream) for stream in streams]
@@ -184,15 +182,3 @@ def column_segments(config: DataConfig, shard: int, num_shards: int, columns: in
             yield {"inputs": inputs, "targets": targets, "weights": weights}
         batch += 1
 
-
-def _zip_longest_padded(streams, rows: int):
-    """Tuples of one batch per stream until every stream ends (ended ones: zero rows)."""
-    iterators = [iter(s) for s in streams]
-    like = None
-    while True:
-        parts = [next(it, None) for it in iterators]
-        if all(p is None for p in parts):
-            return
-        like = like or next(p for p in parts if p is not None)
-        yield [p if p is not None else {k: np.zeros_like(v) for k, v in like.items()}
-               for p in parts]
