@@ -46,7 +46,7 @@ MESH_AXES = ("data", "model")
 
 # Every logical axis name the models use.
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "joined_kv",
-                "vocab", "relpos_buckets", "layers")
+                "vocab", "relpos_buckets", "layers", "lora_rank")
 
 LogicalRules = tuple[tuple[str, Optional[str]], ...]
 
@@ -112,6 +112,8 @@ def standard_logical_axis_rules(rule_set: str = "1d") -> LogicalRules:
             ("layers", None),
             # The relative-position bias table is tiny.
             ("relpos_buckets", None),
+            # LoRA's rank (4, 8, ...) is too small to split.
+            ("lora_rank", None),
         )
     if rule_set == "2d":
         one_d = standard_logical_axis_rules("1d")

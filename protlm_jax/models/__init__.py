@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from protlm_jax.errors import ProtlmError
 from protlm_jax.models import bert, electra, t5, txl, xlnet
-from protlm_jax.models.family import EncoderView, Family, TokenLayout
+from protlm_jax.models.family import EncoderView, Family, LoraTarget, TokenLayout
 
 # The registry: one line per family.
 FAMILIES: Dict[str, Family] = {f.name: f for f in (
@@ -29,7 +29,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     txl.FAMILY,
 )}
 
-__all__ = ["FAMILIES", "Family", "EncoderView", "TokenLayout", "lookup", "family_for",
+__all__ = ["FAMILIES", "Family", "EncoderView", "LoraTarget", "TokenLayout", "lookup", "family_for",
            "family_for_hf", "build_model", "config_from_dict"]
 
 

@@ -63,7 +63,8 @@ import jax.numpy as jnp
 from protlm_jax import objectives_ae
 from protlm_jax.data.vocabularies import ProtBertVocabulary
 from protlm_jax.models import layers
-from protlm_jax.models.family import (EncoderView, Family, TokenLayout, from_presets, unscan,
+from protlm_jax.models.family import (EncoderView, Family, TokenLayout,
+                                     attention_lora_targets, from_presets, unscan,
                                      where_valid)
 
 Array = jax.Array
@@ -687,7 +688,8 @@ def _family(name: str) -> Family:
             num_hidden_groups=1 if c.family == "albert" else c.num_hidden_groups),
         hf_module="protlm_jax.hf.bert", hf_model_types=(name,),
         presets={k: v for k, v in BERT_PRESETS.items() if v.family == name},
-        matches=lambda c: c.family == name)
+        matches=lambda c: c.family == name,
+        lora_targets=attention_lora_targets("attention", {"q": "query/kernel", "k": "key/kernel", "v": "value/kernel", "o": "out/kernel"}))
 
 
 BERT_FAMILY = _family("bert")

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from protlm_jax import objectives_ae
 from protlm_jax.data.vocabularies import ProtBertVocabulary
 from protlm_jax.models import bert
-from protlm_jax.models.bert import BertConfig
+from protlm_jax.models.bert import BERT_FAMILY, BertConfig
 from protlm_jax.models.family import EncoderView, Family, TokenLayout, from_presets
 
 Array = jax.Array
@@ -242,4 +242,5 @@ FAMILY = Family(
     stack_depths=lambda c: (c.discriminator.num_hidden_layers, c.generator.num_hidden_layers),
     with_stack_depths=_with_stack_depths,
     hf_module="protlm_jax.hf.bert", hf_model_types=("electra",),
-    presets=ELECTRA_PRESETS)
+    presets=ELECTRA_PRESETS,
+    lora_targets=BERT_FAMILY.lora_targets)  # the discriminator is a BERT tower

@@ -92,6 +92,24 @@ class EncoderView:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraTarget:
+    """Where one LoRA target (``q``, ``k``, ``v``, ``o``) lives in every layer.
+
+    Attributes:
+      suffix: the kernel's path inside a layer of the encoder view's params
+        (``attention/query/kernel``); every ``…/layers_{i}/<suffix>`` matches.
+      in_axes: the kernel's axes the projection contracts (its input); the
+        other axes, in order, are its output.
+      select: ``(axis, index)`` when the target is one slice of a fused kernel
+        (the ``q`` of a ``[D, 3, H, K]`` q/k/v projection): the slice along
+        ``axis`` at ``index``; ``in_axes`` then count the sliced kernel's axes.
+    """
+    suffix: str
+    in_axes: Tuple[int, ...] = (0,)
+    select: Optional[Tuple[int, int]] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderView:
     """What generation needs of one auto-regressive model (pure, jittable functions).
 
@@ -138,6 +156,9 @@ class Family:
         (BERT and ALBERT: ``BertConfig.family``); default: any instance.
       decoder: ``(config, params) -> DecoderView`` of an auto-regressive
         family (``protlm generate``); None: the family does not generate.
+      lora_targets: the self-attention projections LoRA may adapt, by their
+        conventional names (``q``, ``k``, ``v``, ``o``), in the encoder view's
+        params (``protlm finetune``).
     """
     name: str
     config_class: type
@@ -156,6 +177,7 @@ class Family:
     presets: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     matches: Optional[Callable[[Any], bool]] = None
     decoder: Optional[Callable[[Any, Mapping[str, Any]], DecoderView]] = None
+    lora_targets: Mapping[str, LoraTarget] = dataclasses.field(default_factory=dict)
 
     def hf(self) -> Any:
         """The family's Hugging Face adapter module (``protlm_jax.hf.<family>``)."""
@@ -239,6 +261,14 @@ def unscan(params: Mapping[str, Any], abstract_unscanned: Any) -> Dict[str, Any]
         leaf = stored[where]
         out[path] = jnp.asarray(leaf if layer is None else leaf[layer])
     return unflatten(out)
+
+
+def attention_lora_targets(prefix: str, names: Mapping[str, str],
+                           out: str = "o") -> Dict[str, LoraTarget]:
+    """q/k/v kernels ``[D, H, K]`` and an output kernel ``[H, K, D]`` named
+    ``prefix/<names[t]>`` (the layout of the BERT, T5 and XLNet-style blocks)."""
+    return {t: LoraTarget(f"{prefix}/{n}", (0, 1) if t == out else (0,))
+            for t, n in names.items()}
 
 
 def where_valid(tokens_BT: jax.Array, mask_BT: Optional[jax.Array], pad_id: int) -> jax.Array:

@@ -41,7 +41,8 @@ import jax.numpy as jnp
 from protlm_jax import objectives
 from protlm_jax.models import layers
 from protlm_jax.data.vocabularies import ProtT5Vocabulary
-from protlm_jax.models.family import (EncoderView, Family, TokenLayout, from_presets, unscan,
+from protlm_jax.models.family import (EncoderView, Family, TokenLayout,
+                                     attention_lora_targets, from_presets, unscan,
                                      where_valid)
 
 Array = jax.Array
@@ -620,4 +621,5 @@ FAMILY = Family(
     stack_depths=lambda c: (c.num_encoder_layers, c.num_decoder_layers),
     with_stack_depths=_with_stack_depths,
     hf_module="protlm_jax.hf.t5", hf_model_types=("t5", "mt5"),
-    presets=T5_PRESETS)
+    presets=T5_PRESETS,
+    lora_targets=attention_lora_targets("attention", {"q": "query/kernel", "k": "key/kernel", "v": "value/kernel", "o": "out/kernel"}))

@@ -59,8 +59,8 @@ import jax.numpy as jnp
 from protlm_jax import objectives_txl
 from protlm_jax.data.vocabularies import ProtTXLVocabulary
 from protlm_jax.models import bert
-from protlm_jax.models.family import (DecoderView, EncoderView, Family, TokenLayout,
-                                     from_presets, unscan, where_valid)
+from protlm_jax.models.family import (DecoderView, EncoderView, Family, LoraTarget,
+                                     TokenLayout, from_presets, unscan, where_valid)
 
 Array = jax.Array
 
@@ -518,4 +518,7 @@ FAMILY = Family(
     stack_depths=lambda c: (c.n_layer,),
     with_stack_depths=lambda c, d: c.replace(scan_layers=False, n_layer=d[0]),
     hf_module="protlm_jax.hf.txl", hf_model_types=("transfo-xl",),
-    presets=TXL_PRESETS, decoder=_decoder)
+    presets=TXL_PRESETS, decoder=_decoder,
+    # q, k, v are the slices of the fused [D, 3, H, K] projection.
+    lora_targets={**{t: LoraTarget("dec_attn/qkv", (0,), (1, i)) for i, t in enumerate("qkv")},
+                  "o": LoraTarget("dec_attn/o", (0, 1))})

@@ -53,8 +53,8 @@ import jax.numpy as jnp
 from protlm_jax import objectives_xlnet
 from protlm_jax.data.vocabularies import ProtXLNetVocabulary
 from protlm_jax.models import bert
-from protlm_jax.models.family import (DecoderView, EncoderView, Family, TokenLayout,
-                                     from_presets, unscan, where_valid)
+from protlm_jax.models.family import (DecoderView, EncoderView, Family, LoraTarget,
+                                     TokenLayout, from_presets, unscan, where_valid)
 
 Array = jax.Array
 
@@ -685,4 +685,7 @@ FAMILY = Family(
     stack_depths=lambda c: (c.n_layer,),
     with_stack_depths=lambda c, d: c.replace(scan_layers=False, n_layer=d[0]),
     hf_module="protlm_jax.hf.xlnet", hf_model_types=("xlnet",),
-    presets=XLNET_PRESETS, decoder=_decoder)
+    presets=XLNET_PRESETS, decoder=_decoder,
+    # o is [D, H, K] like q/k/v, contracted over its heads (HF "ibnd,hnd->ibh").
+    lora_targets={**{t: LoraTarget(f"rel_attn/{t}") for t in "qkv"},
+                  "o": LoraTarget("rel_attn/o", (1, 2))})
