@@ -42,6 +42,8 @@ setup(
         "numpy>=1.26",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        # Hugging Face PEFT: fine-tuned LoRA adapters load on exported bases.
+        "peft>=0.13",
         "protobuf>=5",
         "safetensors>=0.4",
         "sentencepiece>=0.2.0,<0.2.3",

@@ -32,6 +32,7 @@ from protlm_jax.data import pipeline as data_pipeline
 from protlm_jax.data import sample
 from protlm_jax.data import sources as data_sources
 from protlm_jax.errors import ProtlmError
+from protlm_jax.finetune import train as finetune_train
 from protlm_jax.probes import hook as probe_hook
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,6 +42,7 @@ gin.external_configurable(optimizers.OptimizerConfig, "OptimizerConfig")
 gin.external_configurable(optimizers.ScheduleConfig, "ScheduleConfig")
 gin.external_configurable(data_pipeline.DataConfig, "DataConfig")
 gin.external_configurable(probe_hook.ProbeHook, "ProbeHook")
+gin.external_configurable(finetune_train.FinetuneConfig, "FinetuneConfig")
 # Every registered family's config class and objective, under their class
 # names (T5Config, BertConfig, ElectraConfig, EncDecObjective, MLMObjective…).
 for _cls in dict.fromkeys(c for f in models.FAMILIES.values()
@@ -244,3 +246,9 @@ def parse(gin_files: Sequence[str], bindings: Mapping[str, str] | Sequence[tuple
 class _DropMissingPathMessages(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Path not found")
+
+
+def finetune_config() -> "finetune_train.FinetuneConfig":
+    """``FinetuneConfig()`` with the parsed gin bindings (``protlm finetune``)."""
+    return gin.get_configurable("FinetuneConfig")()
+

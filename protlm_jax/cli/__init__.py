@@ -35,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import protlm_tasks  # noqa: E402,F401  (registers the seqio tasks `examples` prints)
 from protlm_jax import embed, gin_config  # noqa: E402
 from protlm_jax.cli import data as data_cmd  # noqa: E402
+from protlm_jax.cli import finetune as finetune_cmd  # noqa: E402
 from protlm_jax.cli import generate as generate_cmd  # noqa: E402
 from protlm_jax.cli import plan as plan_cmd  # noqa: E402
 from protlm_jax.cli import probe as probe_cmd  # noqa: E402
@@ -293,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_examples(sub)
     _add_probe(sub)
+    finetune_cmd.add_arguments(sub.add_parser(
+        "finetune", help="LoRA / full / head-only fine-tuning of any family on a task",
+        description="Fine-tunes a MODEL_DIR or Hugging Face directory with a per-protein or "
+        "per-residue head (classes or regression) on the mesh; writes the trainable weights "
+        "only, result.json, results.md and learning_curve.png. --merge writes base + adapter "
+        "as a MODEL_DIR; --export_peft writes a Hugging Face PEFT adapter."))
     _add_embed(sub)
     generate_cmd.add_arguments(sub.add_parser(
         "generate", help="sample protein sequences from an auto-regressive model (ProtXLNet)",
@@ -314,8 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv, gin_bindings = _split_gin_bindings(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if gin_bindings and args.command not in ("train", "eval", "plan"):
-        parser.error("--gin.NAME=value goes with train and eval")
+    if gin_bindings and args.command not in ("train", "eval", "plan", "finetune"):
+        parser.error("--gin.NAME=value goes with train, eval, plan and finetune")
     if extra and args.command != "prepare":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
@@ -327,6 +334,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_examples(args)
         if args.command == "probe":
             return probe_cmd.run(args)
+        if args.command == "finetune":
+            defaults = None
+            if args.gin_file or gin_bindings:
+                gin_config.parse(args.gin_file, gin_bindings)
+                defaults = gin_config.finetune_config()
+            return finetune_cmd.run(args, defaults)
         if args.command == "embed":
             return _run_embed(args)
         if args.command == "generate":

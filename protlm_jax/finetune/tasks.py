@@ -276,16 +276,24 @@ def _rows_to_task(name: str, files: Sequence[str], reader, output: str = "label"
             return True
         return len(label) == len(seq) and len(seq) > 1 and label.isalpha()
     first_rows = [r for _, rows in tables for r in rows]
-    residue = all(per_residue(seq, label) for _, seq, label, _ in first_rows)
-    numeric = all(_parse_values(label) is not None for _, _, label, _ in first_rows)
-    if not residue:
-        for p, rows in tables:
-            for ident, seq, label, line in rows:
-                v = _parse_values(label)
-                if numeric and (v is None or len(v) != 1):
-                    raise InputError(p, line, f"record {ident!r}: {len(v)} numbers for "
-                                     f"{len(seq)} residues (one per residue or one per "
-                                     "protein)")
+    # The first record decides: per residue or per protein, numbers or classes.
+    _, seq0, label0, _ = first_rows[0]
+    residue = per_residue(seq0, label0)
+    numeric = _parse_values(label0) is not None
+    for p, rows in tables:
+        for ident, seq, label, line in rows:
+            v = _parse_values(label)
+            if numeric and v is None:
+                raise InputError(p, line, f"record {ident!r}: label {label[:30]!r} is not "
+                                 "numbers (the first record's label is)")
+            if residue and not per_residue(seq, label):
+                n = len(v) if v is not None else len(label)
+                raise InputError(p, line, f"record {ident!r}: {n} "
+                                 f"{'numbers' if numeric else 'letters'} for {len(seq)} "
+                                 "residues (the first record has one per residue)")
+            if numeric and not residue and len(v) != 1:
+                raise InputError(p, line, f"record {ident!r}: {len(v)} numbers for "
+                                 f"{len(seq)} residues (the first record has one per protein)")
     classes: Tuple[str, ...] = ()
     if not numeric:
         if residue:

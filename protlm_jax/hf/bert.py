@@ -560,3 +560,12 @@ def model_card(config: ModelConfig, written: Sequence[Tuple[str, str, Dict[str, 
                 f"Pretraining objective:\n{objective}.{embeds_with}",
         snippet_name="ProtBert", snippet=(*_SNIPPET_CLASSES[family], 1),
         outro="`protlm import-hf` turns this directory back into a protlm MODEL_DIR.")
+
+
+def encoder_tensors(config: ModelConfig) -> Dict[str, engine.Tensor]:
+    """The HF tensors of the encoder-only export (``BertModel``/``AlbertModel``;
+    PEFT adapters name their modules after these). ELECTRA: None (its encoder
+    view is the discriminator tower, laid out under another prefix)."""
+    if isinstance(config, ElectraConfig):
+        return None
+    return expected_tensors(config, with_head=False)

@@ -430,3 +430,9 @@ def model_card(config: T5Config, *, encoder_only: bool, dtype: str, source: str,
         snippet_name="ProtTrans", snippet=SNIPPET,
         outro="The same embeddings in JAX: `protlm embed --model path/to/this/model ...`\n"
               "(`protlm import-hf` turns this directory back into a protlm MODEL_DIR).")
+
+
+def encoder_tensors(config: T5Config) -> Dict[str, engine.Tensor]:
+    """The HF tensors of the encoder-only export (``T5EncoderModel``; PEFT
+    adapters name their modules after these)."""
+    return expected_tensors(config, encoder_only=True)
