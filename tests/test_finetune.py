@@ -24,8 +24,8 @@ import pytest
 from protlm_jax import cli, models, partitioning
 from protlm_jax.checkpoints import Checkpointer
 from protlm_jax.embed import engine as embed_engine
+from protlm_jax.embed import io as embed_io
 from protlm_jax.finetune import lora, run, tasks, train
-from protlm_jax.hf import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FETCHED = os.path.join(REPO, "data", "fetched")
@@ -221,8 +221,6 @@ def test_finetune_merge_and_peft_equal_the_adapted_model(tmp_path, fetched, fami
 
 
 def convert_read(model_dir):
-    from protlm_jax.embed import io as embed_io
-
     config, params, vocab, _ = embed_io.read_model(str(model_dir))
     return config, params, vocab
 
@@ -237,7 +235,9 @@ def test_sharded_steps_equal_one_device_and_kill_resume(tmp_path, fetched):
     base = _model_dir(tmp_path / "base", "bert")
     task = tasks.load_task("contact_number", train_limit=16, test_limit=4,
                            max_train_length=200)
-    cfg = train.FinetuneConfig(method="full", epochs=1, batch_size=8, learning_rate=1e-3)
+    # Adam turns float reduction-order noise into ~lr-sized steps on
+    # near-zero gradients: a small learning rate keeps the comparison at 1e-5.
+    cfg = train.FinetuneConfig(method="full", epochs=1, batch_size=8, learning_rate=1e-4)
     results = {}
     for name, mesh in (("one", partitioning.create_mesh(1, jax.devices()[:1])),
                        ("2x4", partitioning.create_mesh(4))):

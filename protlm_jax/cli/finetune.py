@@ -21,6 +21,7 @@ from protlm_jax.finetune import lora as lora_lib
 from protlm_jax.finetune import run as run_lib
 from protlm_jax.finetune import tasks as tasks_lib
 from protlm_jax.finetune import train as train_lib
+from protlm_jax.hf import peft as hf_peft
 
 # Flags that set FinetuneConfig fields (None: not given).
 _CONFIG_FLAGS = ("method", "rank", "alpha", "learning_rate", "epochs", "patience",
@@ -99,8 +100,6 @@ def run(args: argparse.Namespace, gin_defaults=None) -> int:
             print(f"protlm finetune --merge: {summary['parameters']:,} parameters "
                   f"({summary['family']}) → {args.output}", file=sys.stderr)
         else:
-            from protlm_jax.hf import peft as hf_peft
-
             summary = hf_peft.export(args.model, args.adapter, args.output)
             print(f"protlm finetune --export_peft: {summary['tensors']} tensors → "
                   f"{args.output}", file=sys.stderr)

@@ -33,7 +33,7 @@ from protlm_jax.embed import io as embed_io
 from protlm_jax.errors import ProtlmError
 from protlm_jax.finetune import lora as lora_lib
 from protlm_jax.finetune import train as train_lib
-from protlm_jax.finetune.tasks import Output, Task
+from protlm_jax.finetune.tasks import Task
 from protlm_jax.models.family import flat_paths, unflatten
 from protlm_jax.probes import metrics
 
@@ -142,7 +142,7 @@ def markdown(result: Dict[str, Any], task: Task) -> str:
     lines += ["", f"Trainable parameters: {sum(tp.values()):,} ("
               + ", ".join(f"{k} {v:,}" for k, v in tp.items()) + f"); best epoch "
               f"{result['best_epoch']} of {len(result['curve'])}.",
-              f"Splits: " + ", ".join(f"{k} {v['proteins']:,} proteins"
+              "Splits: " + ", ".join(f"{k} {v['proteins']:,} proteins"
                                       + (f" ({v['left_out']} left out: too long)"
                                          if v["left_out"] else "")
                                       for k, v in result["splits"].items()) + ".",

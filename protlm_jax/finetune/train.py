@@ -50,11 +50,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from protlm_jax import checkpoints, models, partitioning
+from protlm_jax import checkpoints, partitioning
 from protlm_jax.embed.engine import clean_sequence
 from protlm_jax.errors import ProtlmError
 from protlm_jax.finetune import lora as lora_lib
-from protlm_jax.finetune.tasks import Output, Split, Task
+from protlm_jax.finetune.tasks import Split, Task
 from protlm_jax.models.family import flat_paths, unflatten
 from protlm_jax.probes.train import bucket_length
 
