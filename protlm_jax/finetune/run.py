@@ -228,7 +228,7 @@ def finetune(base_path: str, task: Task, config: train_lib.FinetuneConfig, outpu
     runner = train_lib.Runner(model, trained.frozen)
     tests = {}
     for name, split in task.tests.items():
-        _, preds = train_lib.evaluate(runner, trained.trainable, enc[name], config.batch_size)
+        _, preds = train_lib.evaluate(runner, trained.trainable, enc[name])
         tests[name] = score(task, enc[name].split, preds)
     result = {
         "task": task.name, "kind": task.kind, "method": config.method,

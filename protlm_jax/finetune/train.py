@@ -226,6 +226,20 @@ def epoch_batches(enc: Encoded, rows: int, seed: Optional[int]) -> List[List[int
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def eval_batches(enc: Encoded, data_size: int,
+                 tokens_per_device: int) -> List[Tuple[int, List[int]]]:
+    """(rows, members) by bucket: about ``tokens_per_device`` padded tokens per
+    device, rows a multiple of the data axis (one compiled shape per bucket)."""
+    by_bucket: Dict[int, List[int]] = {}
+    for i, t in enumerate(enc.tokens):
+        by_bucket.setdefault(bucket_length(len(t), 32), []).append(i)
+    out = []
+    for length, members in sorted(by_bucket.items()):
+        rows = data_size * max(1, tokens_per_device // length)
+        out += [(rows, members[i:i + rows]) for i in range(0, len(members), rows)]
+    return out
+
+
 # ------------------------------------------------------------------- model ---
 
 
@@ -475,13 +489,18 @@ def _sum(parts: List[Dict]) -> Dict[str, float]:
     return out
 
 
-def evaluate(runner: Runner, trainable, enc: Encoded, rows: int) -> Tuple[Dict, Dict]:
-    """(loss sums, predictions per output per protein in split order)."""
+EVAL_TOKENS_PER_DEVICE = 4096
+
+
+def evaluate(runner: Runner, trainable, enc: Encoded) -> Tuple[Dict, Dict]:
+    """(loss sums, predictions per output per protein in split order); batches
+    by a token budget (long test proteins run a few rows at a time)."""
     m = runner.model
     fn = runner.eval_step()
     parts, preds = [], {o.name: [None] * len(enc.tokens) for o in m.task.outputs}
     pad, left = m.view.pad_id, m.family.layout.padding == "left"
-    for members in epoch_batches(enc, rows, None):
+    data = int(m.mesh.shape["data"])
+    for rows, members in eval_batches(enc, data, EVAL_TOKENS_PER_DEVICE):
         b = make_batch(enc, members, rows, m.task, pad, left, m.norm)
         sums, p = fn(trainable, runner.frozen_arg(), runner.put(b))
         parts.append(sums)
@@ -551,7 +570,7 @@ def fit(model: Model, frozen_params, task_enc: Dict[str, Encoded], *, output: Op
                 parts.append(sums)
                 step += 1
             train_m = _sum(parts)
-            valid_m, _ = evaluate(runner, trainable, valid_enc, rows)
+            valid_m, _ = evaluate(runner, trainable, valid_enc)
             row = {"epoch": epoch + 1, "step": step,
                    **{f"train_{k}": v for k, v in train_m.items()},
                    **{f"valid_{k}": v for k, v in valid_m.items()}}
@@ -585,7 +604,7 @@ def fit(model: Model, frozen_params, task_enc: Dict[str, Encoded], *, output: Op
 
 def predict(trained: Trained, enc: Encoded) -> Dict[str, List[Any]]:
     runner = Runner(trained.model, trained.frozen)
-    _, preds = evaluate(runner, trained.trainable, enc, trained.model.config.batch_size)
+    _, preds = evaluate(runner, trained.trainable, enc)
     return preds
 
 
