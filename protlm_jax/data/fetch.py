@@ -72,6 +72,7 @@ class Dataset:
         description: what the project uses the data set for.
         pip_args: extra ``pip download`` arguments that pin the exact file
             (platform-specific wheels need them).
+        in_all: part of ``--dataset all`` (False: a large opt-in download).
     """
 
     name: str
@@ -84,6 +85,7 @@ class Dataset:
     license: str
     description: str
     pip_args: tuple[str, ...] = ()
+    in_all: bool = True
 
     @property
     def requirement(self) -> str:
@@ -183,6 +185,28 @@ DATASETS: tuple[Dataset, ...] = (
             "--abi",
             "cp311",
         ),
+    ),
+)
+
+DATASETS += (
+    Dataset(
+        name="antiberty",
+        kind="pypi",
+        package="antiberty",
+        version="0.1.3",
+        filename="antiberty-0.1.3-py3-none-any.whl",
+        sha256="30d910992b190013871bac49cdc032e01a19339f7d2b958ab99b0eb44638352a",
+        members=(
+            Member("antiberty/trained_models/AntiBERTy_md_smooth/config.json",
+                   "antiberty/config.json"),
+            Member("antiberty/trained_models/AntiBERTy_md_smooth/pytorch_model.bin",
+                   "antiberty/pytorch_model.bin"),
+            Member("antiberty/trained_models/vocab.txt", "antiberty/vocab.txt"),
+        ),
+        license="AntiBERTy (Jeffrey Ruffolo, Jeffrey Gray), MIT License.",
+        description=("a real pretrained protein BERT (HF BertForMaskedLM, 8 x 512, "
+                     "antibodies; 97 MB, not in 'all')"),
+        in_all=False,
     ),
 )
 
@@ -578,7 +602,7 @@ def resolve_names(names: Iterable[str] | None) -> list[str]:
     names = list(names or [DEFAULT_DATASET])
     out: list[str] = []
     for n in names:
-        expanded = [d.name for d in DATASETS] if n == "all" else [n]
+        expanded = [d.name for d in DATASETS if d.in_all] if n == "all" else [n]
         for e in expanded:
             if e not in DATASETS_BY_NAME:
                 known = ", ".join([d.name for d in DATASETS] + ["all"])
