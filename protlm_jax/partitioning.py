@@ -2,7 +2,7 @@
 
 Models name every weight and activation dimension with a *logical* axis
 (``batch, length, embed, mlp, heads, kv, joined_kv, vocab, relpos_buckets,
-layers``) and never mention the mesh. This module owns the one place where
+layers, lora_rank``) and never mention the mesh. This module owns the one place where
 logical names meet the device mesh ``("data", "model")``:
 
 * ``standard_logical_axis_rules`` gives the T5X-style rule sets ("1d", "2d").

@@ -109,7 +109,7 @@ def test_create_mesh_not_divisible(mp):
 EXPECTED_1D = {"batch": "data", "vocab": "model", "mlp": "model",
                "heads": "model", "joined_kv": "model", "embed": None,
                "kv": None, "length": None, "layers": None,
-               "relpos_buckets": None}
+               "relpos_buckets": None, "lora_rank": None}
 
 
 @pytest.mark.parametrize("rule_set", ["1d", "2d"])
