@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import sys
 
+from protlm_jax.cli import probe as probe_cmd
 from protlm_jax.errors import ProtlmError
 from protlm_jax.finetune import lora as lora_lib
 from protlm_jax.finetune import run as run_lib
@@ -106,10 +107,7 @@ def run(args: argparse.Namespace, gin_defaults=None) -> int:
         return 0
     if not args.task:
         raise ProtlmError("finetune: --task is required")
-    for name in ("train_limit", "test_limit", "max_train_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ProtlmError(f"--{name} must be positive, got {value}")
+    probe_cmd.check_subset_options(args)
     config = config_from_args(args, gin_defaults)
     task = tasks_lib.load_task(args.task, args.data_dir, train_limit=args.train_limit,
                                test_limit=args.test_limit,

@@ -83,6 +83,14 @@ def _config(args, head: str):
     return dataclasses.replace(base, **overrides)
 
 
+def check_subset_options(args: argparse.Namespace) -> None:
+    """--train_limit / --test_limit / --max_train_length are positive when given."""
+    for name in ("train_limit", "test_limit", "max_train_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ProtlmError(f"--{name} must be positive, got {value}")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.write_test_fasta:
         n = datasets.write_test_fasta(args.write_test_fasta, args.data_dir)
@@ -93,10 +101,7 @@ def run(args: argparse.Namespace) -> int:
         raise ProtlmError("probe: --task is required (or --write_test_fasta)")
     if not args.output:
         raise ProtlmError("probe: --output OUT_DIR is required")
-    for name in ("train_limit", "test_limit", "max_train_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ProtlmError(f"--{name} must be positive, got {value}")
+    check_subset_options(args)
     if args.model and not os.path.isdir(args.model):
         raise ProtlmError(f"{args.model}: no such model directory")
     if args.embeddings and not os.path.exists(args.embeddings):

@@ -344,16 +344,6 @@ def _empty(task: Task) -> None:
             raise ProtlmError(f"--task {task.name}: the {split_name} split is empty")
 
 
-def _limit(split: Split, limit: Optional[int], seed: int, max_length: Optional[int]) -> Split:
-    index = list(range(len(split)))
-    if max_length:
-        index = [i for i in index if len(split.sequences[i]) <= max_length]
-    if limit and limit < len(index):
-        rng = np.random.default_rng(seed)
-        index = sorted(rng.choice(index, size=limit, replace=False).tolist())
-    return split if len(index) == len(split) else split.subset(index)
-
-
 def load_task(spec: str, data_dir: Optional[str] = None, *, train_limit: Optional[int] = None,
               test_limit: Optional[int] = None, max_train_length: Optional[int] = None,
               seed: int = 0) -> Task:
@@ -389,10 +379,11 @@ def load_task(spec: str, data_dir: Optional[str] = None, *, train_limit: Optiona
     else:
         raise ProtlmError(f"--task {spec}: unknown task; known: {TASK_SPECS}")
     _empty(task)
-    task.train = _limit(task.train, train_limit, seed, max_train_length)
-    task.valid = _limit(task.valid, max(1, train_limit // 5) if train_limit else None, seed,
-                        max_train_length)
-    task.tests = {k: _limit(v, test_limit, seed, None) for k, v in task.tests.items()}
+    task.train = probe_datasets.subset_limit(task.train, train_limit, seed, max_train_length)
+    task.valid = probe_datasets.subset_limit(
+        task.valid, max(1, train_limit // 5) if train_limit else None, seed, max_train_length)
+    task.tests = {k: probe_datasets.subset_limit(v, test_limit, seed, None)
+                  for k, v in task.tests.items()}
     _empty(task)
     return task
 

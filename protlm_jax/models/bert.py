@@ -689,7 +689,9 @@ def _family(name: str) -> Family:
         hf_module="protlm_jax.hf.bert", hf_model_types=(name,),
         presets={k: v for k, v in BERT_PRESETS.items() if v.family == name},
         matches=lambda c: c.family == name,
-        lora_targets=attention_lora_targets("attention", {"q": "query/kernel", "k": "key/kernel", "v": "value/kernel", "o": "out/kernel"}))
+        lora_targets=attention_lora_targets(
+            "attention", {"q": "query/kernel", "k": "key/kernel", "v": "value/kernel",
+                          "o": "out/kernel"}))
 
 
 BERT_FAMILY = _family("bert")

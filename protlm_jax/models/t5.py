@@ -622,4 +622,6 @@ FAMILY = Family(
     with_stack_depths=_with_stack_depths,
     hf_module="protlm_jax.hf.t5", hf_model_types=("t5", "mt5"),
     presets=T5_PRESETS,
-    lora_targets=attention_lora_targets("attention", {"q": "query/kernel", "k": "key/kernel", "v": "value/kernel", "o": "out/kernel"}))
+    lora_targets=attention_lora_targets(
+        "attention", {"q": "query/kernel", "k": "key/kernel", "v": "value/kernel",
+                      "o": "out/kernel"}))

@@ -437,7 +437,9 @@ def _require(path: str) -> None:
         raise InputError(path, 0, "not found (run `protlm data fetch --dataset all`)")
 
 
-def _limit(dataset, limit: Optional[int], seed: int, max_length: Optional[int] = None):
+def subset_limit(dataset, limit: Optional[int], seed: int, max_length: Optional[int] = None):
+    """At most ``limit`` items (random, seeded) of those no longer than ``max_length``
+    (any set with ``sequences``, ``subset`` and ``len``)."""
     index = list(range(len(dataset)))
     if max_length:
         index = [i for i in index if len(dataset.sequences[i]) <= max_length]
@@ -514,10 +516,10 @@ def load_task(spec: str, data_dir: Optional[str] = None, *, train_limit: Optiona
     if not len(task.valid):
         raise ProtlmError(f"--task {spec}: the validation split is empty (too few "
                           f"training proteins)")
-    task.train = _limit(task.train, train_limit, seed, max_train_length)
-    task.valid = _limit(task.valid, max(1, train_limit // 5) if train_limit else None,
+    task.train = subset_limit(task.train, train_limit, seed, max_train_length)
+    task.valid = subset_limit(task.valid, max(1, train_limit // 5) if train_limit else None,
                         seed, max_train_length)
-    task.tests = {k: _limit(v, test_limit, seed, max_test_length)
+    task.tests = {k: subset_limit(v, test_limit, seed, max_test_length)
                   for k, v in task.tests.items()}
     return task
 
