@@ -341,3 +341,14 @@ def test_contact_numbers_from_pdb_match_the_committed_sample(tmp_path):
     seq, coords = tasks.read_pdb_chain(str(pdb))
     assert seq == "MKMX" and coords.shape == (4, 3)
     assert math.isclose(float(tasks.contact_numbers(coords)[0]), 2.0)
+
+
+def test_cnn_head_never_reads_padding():
+    head = train.Head("residue", (("ss3", 3),), conv=True)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 8))
+    mask = jnp.asarray(np.arange(16)[None] < np.array([[10], [16]]), jnp.float32)
+    params = head.init(jax.random.PRNGKey(1), x, mask)
+    noisy = x.at[0, 10:].set(100.0)  # garbage where row 0 is padding
+    a, b = (head.apply(params, v, mask)["ss3"] for v in (x, noisy))
+    np.testing.assert_array_equal(a[0, :10], b[0, :10])
+    assert not np.allclose(a[1], head.apply(params, x.at[1, 12].set(5.0), mask)["ss3"][1])

@@ -26,7 +26,7 @@ from protlm_jax.hf import peft as hf_peft
 
 # Flags that set FinetuneConfig fields (None: not given).
 _CONFIG_FLAGS = ("method", "rank", "alpha", "learning_rate", "epochs", "patience",
-                 "batch_size", "accumulate", "seed", "dropout", "weight_decay")
+                 "batch_size", "accumulate", "seed", "dropout", "weight_decay", "head")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accumulate", type=int, default=None,
                    help="micro-batches per update (default 1)")
     p.add_argument("--dropout", type=float, default=None, help="head dropout (default 0.2)")
+    p.add_argument("--head", choices=train_lib.HEADS, default=None,
+                   help="per-residue head: linear (default, the LoRA notebooks) or cnn "
+                   "(the ProtTrans secondary-structure CNN)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 encoder activations")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--train_limit", type=int, default=None, metavar="N")

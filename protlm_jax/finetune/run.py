@@ -270,7 +270,8 @@ def save_artifact(output: str, trainable, model: train_lib.Model, base_path: str
                 "task_kind": model.task.kind,
                 "outputs": [{"name": o.name, "classes": list(o.classes)}
                             for o in model.task.outputs],
-                "label_norm": model.norm, "dropout": model.config.dropout}
+                "label_norm": model.norm, "dropout": model.config.dropout,
+                "head": model.config.head}
     with open(os.path.join(output, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
 

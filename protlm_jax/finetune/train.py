@@ -59,6 +59,7 @@ from protlm_jax.models.family import flat_paths, unflatten
 from protlm_jax.probes.train import bucket_length
 
 METHODS = ("lora", "full", "head")
+HEADS = ("linear", "cnn")
 POOL_BATCHES = 32
 
 
@@ -78,6 +79,9 @@ class FinetuneConfig:
       accumulate: micro-batches per optimizer update (effective batch
         ``batch_size * accumulate``).
       dropout: the head's dropout (0.2 as the notebooks).
+      head: per-residue tasks: ``linear`` (dropout -> Dense, the LoRA
+        notebooks) or ``cnn`` (the ProtTrans secondary-structure CNN:
+        Conv(D->32, k7) -> ReLU -> dropout -> Conv(32->C, k7) per output).
       bf16: encoder activations in bfloat16 (weights and optimizer stay f32).
       seed: initialisation, shuffling and dropout.
       kill_at_step: test hook: SIGKILL the process after this step's
@@ -95,6 +99,7 @@ class FinetuneConfig:
     batch_size: int = 8
     accumulate: int = 1
     dropout: float = 0.2
+    head: str = "linear"
     bf16: bool = False
     seed: int = 0
     kill_at_step: Optional[int] = None
@@ -109,6 +114,8 @@ class FinetuneConfig:
         for name in ("epochs", "patience", "batch_size", "accumulate", "rank"):
             if getattr(self, name) < 1:
                 raise ProtlmError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.head not in HEADS:
+            raise ProtlmError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if not self.learning_rate > 0:
             raise ProtlmError(f"--learning_rate must be positive, got {self.learning_rate}")
 
@@ -118,6 +125,7 @@ class Head(nn.Module):
     kind: str
     sizes: Tuple[Tuple[str, int], ...]
     dropout: float = 0.2
+    conv: bool = False  # per residue: the ProtTrans SS CNN instead of Dense
 
     @nn.compact
     def __call__(self, x_BTD, residues_BT, *, train: bool = False) -> Dict[str, jax.Array]:
@@ -129,6 +137,12 @@ class Head(nn.Module):
                 w_BT.sum(1), 1.0)[:, None]
             h = jnp.tanh(nn.Dense(x_BD.shape[-1], name="dense")(drop(x_BD)))
             h = drop(h)
+        elif self.conv:  # zero outside residues: no window reaches padding
+            m = residues_BT[..., None].astype(jnp.float32)
+            h = nn.Conv(32, (7,), padding=[(3, 3)], name="conv")(x_BTD * m)
+            h = drop(nn.relu(h)) * m
+            return {name: nn.Conv(size, (7,), padding=[(3, 3)], name=name)(h)
+                    for name, size in self.sizes}
         else:
             h = drop(x_BTD)
         return {name: nn.Dense(size, name=name)(h) for name, size in self.sizes}
@@ -319,7 +333,10 @@ def build(family, view, task: Task, config: FinetuneConfig, mesh, rules,
     if config.method == "lora":
         boxed = _boxed_view(view)
         sites = lora_lib.sites(family.lora_targets, boxed, config.lora_spec())
-    head = Head(task.kind, tuple((o.name, o.size) for o in task.outputs), config.dropout)
+    if config.head == "cnn" and task.kind != "residue":
+        raise ProtlmError(f"--head cnn is per residue; {task.name} is a per-protein task")
+    head = Head(task.kind, tuple((o.name, o.size) for o in task.outputs), config.dropout,
+                conv=config.head == "cnn")
     return Model(family, view, task, config, mesh, rules, sites, head,
                  norm if norm is not None else _label_norm(task), _hidden_size(view))
 
