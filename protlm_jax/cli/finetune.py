@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train_limit", type=int, default=None, metavar="N")
     p.add_argument("--test_limit", type=int, default=None, metavar="N")
     p.add_argument("--max_train_length", type=int, default=None, metavar="N")
+    p.add_argument("--max_test_length", type=int, default=None, metavar="N",
+                   help="drop longer test proteins before --test_limit (as probe)")
     p.add_argument("--data_dir", default=None, metavar="DIR",
                    help="fetched data (default data/fetched)")
     p.add_argument("--model_parallel_size", type=int, default=1,
@@ -114,7 +116,8 @@ def run(args: argparse.Namespace, gin_defaults=None) -> int:
     config = config_from_args(args, gin_defaults)
     task = tasks_lib.load_task(args.task, args.data_dir, train_limit=args.train_limit,
                                test_limit=args.test_limit,
-                               max_train_length=args.max_train_length, seed=config.seed)
+                               max_train_length=args.max_train_length,
+                               max_test_length=args.max_test_length, seed=config.seed)
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     result = run_lib.finetune(args.model, task, config, args.output,
                               model_parallel_size=args.model_parallel_size, log=log)

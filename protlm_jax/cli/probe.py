@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most N proteins per test set (default: all)")
     p.add_argument("--max_train_length", type=int, default=None, metavar="N",
                    help="drop longer training proteins")
+    p.add_argument("--max_test_length", type=int, default=None, metavar="N",
+                   help="drop longer test proteins before --test_limit (models with "
+                   "learned positions; not the published test sets then)")
     p.add_argument("--epochs", type=int, default=None, metavar="N",
                    help="maximum epochs (default 30; light attention 200)")
     p.add_argument("--patience", type=int, default=None, metavar="N",
@@ -85,7 +88,7 @@ def _config(args, head: str):
 
 def check_subset_options(args: argparse.Namespace) -> None:
     """--train_limit / --test_limit / --max_train_length are positive when given."""
-    for name in ("train_limit", "test_limit", "max_train_length"):
+    for name in ("train_limit", "test_limit", "max_train_length", "max_test_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ProtlmError(f"--{name} must be positive, got {value}")
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         raise ProtlmError(f"{args.embeddings}: no such file")
     task = datasets.load_task(args.task, args.data_dir, train_limit=args.train_limit,
                               test_limit=args.test_limit,
-                              max_train_length=args.max_train_length, seed=args.seed)
+                              max_train_length=args.max_train_length,
+                              max_test_length=args.max_test_length, seed=args.seed)
     head = args.head or evaluate.default_head(task)
     if args.baseline == "composition" and head != "fnn":
         raise ProtlmError(f"--baseline composition is per protein: use --head fnn, "

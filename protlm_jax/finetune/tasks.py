@@ -346,7 +346,7 @@ def _empty(task: Task) -> None:
 
 def load_task(spec: str, data_dir: Optional[str] = None, *, train_limit: Optional[int] = None,
               test_limit: Optional[int] = None, max_train_length: Optional[int] = None,
-              seed: int = 0) -> Task:
+              max_test_length: Optional[int] = None, seed: int = 0) -> Task:
     """A task from its spec (``TASK_SPECS``), with the probe's subset options.
 
     Raises:
@@ -357,7 +357,7 @@ def load_task(spec: str, data_dir: Optional[str] = None, *, train_limit: Optiona
     if name in ("ss_casp12", "scl2205", "netsurfp", "deeploc"):
         task = _from_probe(probe_datasets.load_task(
             spec, data_dir, train_limit=train_limit, test_limit=test_limit,
-            max_train_length=max_train_length, seed=seed))
+            max_train_length=max_train_length, max_test_length=max_test_length, seed=seed))
         _empty(task)
         return task
     if name == "contact_number":
@@ -382,7 +382,7 @@ def load_task(spec: str, data_dir: Optional[str] = None, *, train_limit: Optiona
     task.train = probe_datasets.subset_limit(task.train, train_limit, seed, max_train_length)
     task.valid = probe_datasets.subset_limit(
         task.valid, max(1, train_limit // 5) if train_limit else None, seed, max_train_length)
-    task.tests = {k: probe_datasets.subset_limit(v, test_limit, seed, None)
+    task.tests = {k: probe_datasets.subset_limit(v, test_limit, seed, max_test_length)
                   for k, v in task.tests.items()}
     _empty(task)
     return task
