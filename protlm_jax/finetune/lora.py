@@ -167,7 +167,7 @@ def apply(params: Mapping[str, Any], adapters: Mapping[str, Any],
             flat[site.path] = w + d
         else:
             axis, index = site.spec.select
-            flat[site.path] = w.at[(slice(None),) * axis + (index,)].add(d)
+            flat[site.path] = jnp.asarray(w).at[(slice(None),) * axis + (index,)].add(d)
     return unflatten(flat)
 
 

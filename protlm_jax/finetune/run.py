@@ -356,9 +356,15 @@ def merge(base_path: str, adapter_dir: str, output: str) -> Dict[str, Any]:
         raise ProtlmError(f"{output}: already holds checkpoints; choose a new --output")
     base, params, manifest = merged_encoder_params(base_path, adapter_dir)
     # The encoder view's own config (inference settings, layers unscanned) and
-    # family: an ELECTRA base merges into its discriminator, a BERT tower.
+    # family; a view that is a tower of a larger model (ELECTRA's
+    # discriminator) is no model of its own.
     cfg = base["view"].config
-    family = models.family_for(cfg)
+    try:
+        family = models.family_for(cfg)
+    except TypeError:
+        raise ProtlmError(f"--merge: the {base['family'].name} encoder is a tower of a "
+                          "larger model, not a model of its own; use the fine-tuning "
+                          "output directly") from None
     step = 0
     state = {"step": jax.numpy.asarray(step, jax.numpy.int32),
              "params": jax.tree.map(jax.numpy.asarray, params)}
