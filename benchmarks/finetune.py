@@ -104,8 +104,7 @@ def main() -> None:
         method="lora", batch_size=args.rows, dropout=0.0), mesh, rules)
     tok = train.Tokens(fam, fam.vocabulary(), view.max_positions)
     enc = tok.encode(split)
-    batch = train.make_batch(enc, list(range(len(records))), args.rows, task, view.pad_id,
-                             False, model.norm)
+    batch = train.make_batch(enc, list(range(len(records))), args.rows, model)
     tokens_np = batch["tokens"]
     runner = train.Runner(model, view.params)
     trainable, opt_state = runner.init(0)

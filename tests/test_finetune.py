@@ -23,7 +23,6 @@ import pytest
 
 from protlm_jax import cli, models, partitioning
 from protlm_jax.checkpoints import Checkpointer
-from protlm_jax.embed import engine as embed_engine
 from protlm_jax.embed import io as embed_io
 from protlm_jax.finetune import lora, run, tasks, train
 
@@ -74,7 +73,7 @@ def test_lora_zero_b_is_exact_and_counts_follow_the_formula():
     fam = models.lookup("t5")
     view = fam.encoder_view(cfg, params)
     spec = lora.LoraSpec(rank=4, alpha=1.0)
-    sites = lora.sites(fam.lora_targets, train._boxed_view(view), spec)
+    sites = lora.sites(fam.lora_targets, train.boxed_view(view), spec)
     assert len(sites) == 4 * cfg.num_encoder_layers
     adapters = lora.init_adapters(sites, spec, jax.random.PRNGKey(0))
     adapted = lora.apply(view.params, adapters, sites, spec)
@@ -86,11 +85,9 @@ def test_lora_zero_b_is_exact_and_counts_follow_the_formula():
     np.testing.assert_array_equal(out(adapted), out(view.params))
     # B != 0 changes exactly the targeted kernels, by scale * A B.
     bumped = jax.tree.map(lambda x: x + 0.1, adapters)
-    changed = {k for k, (a, b) in zip(
-        models.family.flat_paths(view.params), zip(
-            models.family.flat_paths(view.params).values(),
-            models.family.flat_paths(lora.apply(view.params, bumped, sites, spec)).values()))
-        if not np.array_equal(a, b)}
+    before = models.family.flat_paths(view.params)
+    after = models.family.flat_paths(lora.apply(view.params, bumped, sites, spec))
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed == {s.path for s in sites.values()}
 
     # ProtT5-XL's encoder, rank 4 on q, k, v, o: per layer q, k, v take
@@ -122,7 +119,7 @@ def test_every_family_has_its_attention_targets(family_name, preset):
                                        *[jnp.ones((2, 8), jnp.int32)] * len(feats))["params"])
     view = fam.encoder_view(cfg, params)
     spec = lora.LoraSpec(rank=2)
-    sites = lora.sites(fam.lora_targets, train._boxed_view(view), spec)
+    sites = lora.sites(fam.lora_targets, train.boxed_view(view), spec)
     assert {s.target for s in sites.values()} == {"q", "k", "v", "o"}
     ad = jax.tree.map(lambda x: x + 0.01, lora.init_adapters(sites, spec, jax.random.PRNGKey(1)))
     host = jax.tree.map(np.asarray, view.params)  # --merge applies to host arrays
@@ -172,7 +169,7 @@ def test_finetune_merge_and_peft_equal_the_adapted_model(tmp_path, fetched, fami
     assert _tree_bytes(base) == before  # the base MODEL_DIR is never written
     result = json.loads((out / "result.json").read_text())
     assert result["trainable_parameters"]["lora"] == lora.count(
-        lora.sites(models.lookup(family_name).lora_targets, train._boxed_view(
+        lora.sites(models.lookup(family_name).lora_targets, train.boxed_view(
             run.read_base(base, None)["view"]), lora.LoraSpec()), lora.LoraSpec())
     q = result["tests"]["scl2205_test"]["location"]
     test_split = result["splits"]["scl2205_test"]
@@ -194,7 +191,7 @@ def test_finetune_merge_and_peft_equal_the_adapted_model(tmp_path, fetched, fami
     merged = tmp_path / "merged"
     assert cli.main(["finetune", "--merge", "--model", base, "--adapter", str(out),
                      "--output", str(merged)]) == 0
-    emb = embed_engine.Embedder(*convert_read(merged))
+    emb = embed_io.load_model(str(merged))
     for (ident, seq), (_, want) in zip(records, ours):
         got = dict(emb.embed([(ident, seq)]))[ident]
         start = len(emb.prefix)
@@ -219,11 +216,6 @@ def test_finetune_merge_and_peft_equal_the_adapted_model(tmp_path, fetched, fami
         plain = peft_model(input_ids=torch.tensor(ours[0][0][None].astype(np.int64))
                            ).last_hidden_state[0].numpy()
     assert np.abs(plain - ours[0][1]).max() > 1e-4
-
-
-def convert_read(model_dir):
-    config, params, vocab, _ = embed_io.read_model(str(model_dir))
-    return config, params, vocab
 
 
 # ------------------------------------------------- sharding and kill / resume ---
@@ -327,9 +319,9 @@ def test_too_long_proteins_are_left_out_and_counted():
     assert len(enc.tokens) + len(long) == len(task.train)
 
 
-def test_contact_numbers_from_pdb_match_the_committed_sample(tmp_path):
-    """The committed sample is what the PDB reader computes (one chain
-    rebuilt from its own CA trace, 12 Å neighbours)."""
+def test_pdb_reader_and_contact_numbers(tmp_path):
+    """The PDB reader (first chain, CA records, MSE -> M, unknown -> X) and the
+    12 Å contact count that built the committed sample."""
     t = tasks.load_task("contact_number")
     assert t.kind == "residue" and t.outputs[0].regression
     ca = np.array([[0, 0, 0], [3.8, 0, 0], [7.6, 0, 0], [20, 0, 0]], float)

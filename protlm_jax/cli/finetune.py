@@ -88,9 +88,7 @@ def config_from_args(args: argparse.Namespace, gin_defaults=None) -> train_lib.F
         overrides["train_norms"] = False
     if args.bf16:
         overrides["bf16"] = True
-    config = dataclasses.replace(base, **overrides)
-    config.check()
-    return config
+    return dataclasses.replace(base, **overrides)  # validated on construction
 
 
 def run(args: argparse.Namespace, gin_defaults=None) -> int:

@@ -78,6 +78,13 @@ def _key(path: str) -> str:
     return path.replace("/", ".")
 
 
+def boxed_leaves(boxed: Any) -> Dict[str, Any]:
+    """``a/b/c`` path -> leaf of a boxed tree, boxes kept (their logical names)."""
+    return {"/".join(str(getattr(k, "key", k)) for k in p): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(
+                boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]}
+
+
 def sites(family_targets: Mapping[str, LoraTarget], boxed_abstract: Any,
           spec: LoraSpec) -> Dict[str, Site]:
     """Every kernel of ``boxed_abstract`` (an encoder view's boxed params) the
@@ -93,9 +100,7 @@ def sites(family_targets: Mapping[str, LoraTarget], boxed_abstract: Any,
                           f"adapts {', '.join(family_targets) or 'nothing'}")
     if spec.rank < 1:
         raise ProtlmError(f"--rank must be positive, got {spec.rank}")
-    leaves = {"/".join(str(getattr(k, "key", k)) for k in p): leaf
-              for p, leaf in jax.tree_util.tree_flatten_with_path(
-                  boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]}
+    leaves = boxed_leaves(boxed_abstract)
     out: Dict[str, Site] = {}
     for target in spec.targets:
         t = family_targets[target]

@@ -186,14 +186,6 @@ def read_base(path: str, mesh) -> Dict[str, Any]:
             "vocab": vocab if vocab is not None else family.vocabulary(), "step": step}
 
 
-def _mesh(model_parallel_size: int):
-    n = len(jax.devices())
-    if model_parallel_size < 1 or n % model_parallel_size:
-        raise ProtlmError(f"--model_parallel_size {model_parallel_size} must divide the "
-                          f"{n} devices")
-    return partitioning.create_mesh(model_parallel_size)
-
-
 # --------------------------------------------------------------------- run ---
 
 
@@ -201,10 +193,9 @@ def finetune(base_path: str, task: Task, config: train_lib.FinetuneConfig, outpu
              model_parallel_size: int = 1, log: Optional[Callable[[str], None]] = None
              ) -> Dict[str, Any]:
     """Fine-tunes, scores every test split, writes OUTPUT (see the module doc)."""
-    config.check()
     if os.path.abspath(output) == os.path.abspath(base_path):
         raise ProtlmError(f"--output {output}: must not be the base model directory")
-    mesh = _mesh(model_parallel_size)
+    mesh = partitioning.create_mesh(model_parallel_size)
     rules = partitioning.standard_logical_axis_rules("1d")
     base = read_base(base_path, mesh)
     family, view = base["family"], base["view"]
@@ -225,10 +216,9 @@ def finetune(base_path: str, task: Task, config: train_lib.FinetuneConfig, outpu
                 f"{k} {v:,}" for k, v in counts.items()))
     os.makedirs(output, exist_ok=True)
     trained = train_lib.fit(model, view.params, enc, output=output, log=log)
-    runner = train_lib.Runner(model, trained.frozen)
     tests = {}
-    for name, split in task.tests.items():
-        _, preds = train_lib.evaluate(runner, trained.trainable, enc[name])
+    for name in task.tests:
+        _, preds = train_lib.evaluate(trained.runner, trained.trainable, enc[name])
         tests[name] = score(task, enc[name].split, preds)
     result = {
         "task": task.name, "kind": task.kind, "method": config.method,
@@ -292,49 +282,57 @@ def read_artifact(adapter_dir: str) -> tuple[Dict[str, Any], Dict[str, np.ndarra
     return manifest, weights
 
 
-def _trainable_tree(weights: Dict[str, np.ndarray]) -> Dict[str, Any]:
-    """Flat ``head.dense.kernel`` keys -> the nested tree (adapter/norm keys
-    keep their dotted inner paths, as the trainable tree has them)."""
+def trainable_tree(weights: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """``finetuned.safetensors`` keys (``head.dense.kernel``,
+    ``lora.<kernel key>.a``, ``norms.<path key>``) -> the trainable tree."""
     tree: Dict[str, Any] = {}
     for key, value in weights.items():
-        part, _, rest = key.partition(".")
-        if part in ("lora", "norms"):
-            inner, _, leaf = rest.rpartition(".")
-            if part == "lora":
-                tree.setdefault(part, {}).setdefault(inner, {})[leaf] = value
-            else:
-                tree.setdefault(part, {})[rest] = value
-        else:
-            tree.setdefault(part, {})
-            tree[part] = {**tree[part], rest: value}
+        part, rest = key.split(".", 1)
+        if part == "lora":
+            site, leaf = rest.rsplit(".", 1)
+            tree.setdefault(part, {}).setdefault(site, {})[leaf] = value
+        elif part == "norms":
+            tree.setdefault(part, {})[rest] = value
+        else:  # head, base: nested module params
+            tree.setdefault(part, {})[rest.replace(".", "/")] = value
     for part in ("head", "base"):
         if part in tree:
-            tree[part] = unflatten({k.replace(".", "/"): v for k, v in tree[part].items()})
+            tree[part] = unflatten(tree[part])
     return tree
 
 
-def merged_encoder_params(base_path: str, adapter_dir: str, mesh=None):
-    """(base dict from :func:`read_base`, merged encoder params, manifest)."""
+@dataclasses.dataclass
+class Adapter:
+    """A fine-tuning output read against its base: what merge and PEFT use."""
+    base: Dict[str, Any]       # read_base
+    manifest: Dict[str, Any]
+    tree: Dict[str, Any]       # trainable_tree
+    sites: Dict[str, lora_lib.Site]
+    spec: Optional[lora_lib.LoraSpec]
+
+
+def load_adapter(base_path: str, adapter_dir: str, mesh=None) -> Adapter:
+    """Reads ``adapter_dir`` and checks it fits ``base_path``: same family, every
+    adapter and trained norm of the base's shapes.
+
+    Raises:
+      ProtlmError: not a fine-tuning output, another family, shapes that differ.
+    """
     manifest, weights = read_artifact(adapter_dir)
-    mesh = mesh or partitioning.create_mesh(1, jax.devices()[:1])
-    base = read_base(base_path, mesh)
+    base = read_base(base_path, mesh or partitioning.create_mesh(1, jax.devices()[:1]))
     if manifest["family"] != base["family"].name:
         raise ProtlmError(f"{adapter_dir}: adapters of a {manifest['family']} model, but "
                           f"{base_path} is a {base['family'].name} model")
-    tree = _trainable_tree(weights)
-    params = jax.tree.map(np.asarray, base["view"].params)
-    if "base" in tree:
-        params = tree["base"]
-    flat = flat_paths(params)
+    tree = trainable_tree(weights)
+    flat = flat_paths(base["view"].params)
     for k, v in tree.get("norms", {}).items():
         path = k.replace(".", "/")
         if path not in flat or flat[path].shape != v.shape:
             raise ProtlmError(f"{adapter_dir}: norm {path} does not fit the base model")
-        flat[path] = v
-    params = unflatten(flat)
+    sites, spec = {}, None
     if "lora" in tree:
         spec = lora_lib.spec_from_json(manifest["lora"])
-        sites = lora_lib.sites(base["family"].lora_targets, train_lib._boxed_view(base["view"]),
+        sites = lora_lib.sites(base["family"].lora_targets, train_lib.boxed_view(base["view"]),
                                spec)
         missing = sorted(set(sites) ^ set(tree["lora"]))
         if missing:
@@ -345,8 +343,16 @@ def merged_encoder_params(base_path: str, adapter_dir: str, mesh=None):
             if a.shape != s.in_shape + (spec.rank,) or b.shape != (spec.rank,) + s.out_shape:
                 raise ProtlmError(f"{adapter_dir}: adapter {k} has shapes {a.shape}/{b.shape}, "
                                   f"the base model needs {s.in_shape}/{s.out_shape}")
-        params = jax.tree.map(np.asarray, lora_lib.apply(params, tree["lora"], sites, spec))
-    return base, params, manifest
+    return Adapter(base, manifest, tree, sites, spec)
+
+
+def merged_encoder_params(base_path: str, adapter_dir: str, mesh=None):
+    """(base dict from :func:`read_base`, merged encoder params, manifest)."""
+    ad = load_adapter(base_path, adapter_dir, mesh)
+    frozen = jax.tree.map(np.asarray, ad.base["view"].params)
+    params = jax.tree.map(np.asarray, train_lib.adapted_params(frozen, ad.tree, ad.sites,
+                                                               ad.spec))
+    return ad.base, params, ad.manifest
 
 
 def merge(base_path: str, adapter_dir: str, output: str) -> Dict[str, Any]:

@@ -56,7 +56,8 @@ from protlm_jax.errors import ProtlmError
 from protlm_jax.finetune import lora as lora_lib
 from protlm_jax.finetune.tasks import Split, Task
 from protlm_jax.models.family import flat_paths, unflatten
-from protlm_jax.probes.train import bucket_length
+from protlm_jax.probes import heads as heads_lib
+from protlm_jax.probes.train import bucket_length, sum_metrics
 
 METHODS = ("lora", "full", "head")
 HEADS = ("linear", "cnn")
@@ -107,7 +108,7 @@ class FinetuneConfig:
     def lora_spec(self) -> lora_lib.LoraSpec:
         return lora_lib.LoraSpec(self.rank, self.alpha, tuple(self.targets))
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ProtlmError(f"--method must be one of {', '.join(METHODS)}, got "
                               f"{self.method!r}")
@@ -137,12 +138,9 @@ class Head(nn.Module):
                 w_BT.sum(1), 1.0)[:, None]
             h = jnp.tanh(nn.Dense(x_BD.shape[-1], name="dense")(drop(x_BD)))
             h = drop(h)
-        elif self.conv:  # zero outside residues: no window reaches padding
-            m = residues_BT[..., None].astype(jnp.float32)
-            h = nn.Conv(32, (7,), padding=[(3, 3)], name="conv")(x_BTD * m)
-            h = drop(nn.relu(h)) * m
-            return {name: nn.Conv(size, (7,), padding=[(3, 3)], name=name)(h)
-                    for name, size in self.sizes}
+        elif self.conv:
+            return heads_lib.SecondaryStructureCNN(dropout=self.dropout, outputs=self.sizes,
+                                                   name="cnn")(x_BTD, residues_BT, train=train)
         else:
             h = drop(x_BTD)
         return {name: nn.Dense(size, name=name)(h) for name, size in self.sizes}
@@ -160,7 +158,7 @@ class Encoded:
     """One split as token ids, plus which proteins were left out (too long)."""
     split: Split
     tokens: List[np.ndarray]
-    starts: List[int]          # token index of the first residue
+    start: int                 # token index of the first residue (the prefix length)
     left_out: List[str]
 
 
@@ -169,11 +167,10 @@ class Tokens:
 
     def __init__(self, family, vocab, max_tokens: Optional[int]):
         self.prefix, self.suffix = family.layout.special_ids(vocab)
-        self.left = family.layout.padding == "left"
         self.vocab, self.max_tokens = vocab, max_tokens
 
     def encode(self, split: Split) -> Encoded:
-        keep, tokens, starts, left_out = [], [], [], []
+        keep, tokens, left_out = [], [], []
         for i, seq in enumerate(split.sequences):
             ids = self.prefix + list(self.vocab.encode(clean_sequence(seq))) + self.suffix
             if len(ids) - len(self.prefix) - len(self.suffix) != len(seq):
@@ -185,15 +182,14 @@ class Tokens:
                 continue
             keep.append(i)
             tokens.append(np.asarray(ids, np.int32))
-            starts.append(len(self.prefix))
-        return Encoded(split.subset(keep), tokens, starts, left_out)
+        return Encoded(split.subset(keep), tokens, len(self.prefix), left_out)
 
 
-def make_batch(enc: Encoded, members: List[int], rows: int, task: Task,
-               pad_id: int, left: bool, norm: Mapping[str, Tuple[float, float]]) -> Dict:
+def make_batch(enc: Encoded, members: List[int], rows: int, model: "Model") -> Dict:
     """Host arrays of one batch (filler rows weigh 0)."""
+    task, norm = model.task, model.norm
     length = bucket_length(max(len(enc.tokens[i]) for i in members), 32)
-    b = {"tokens": np.full((rows, length), pad_id, np.int32),
+    b = {"tokens": np.full((rows, length), model.pad_id, np.int32),
          "residues": np.zeros((rows, length), np.float32),
          "index": np.full(rows, -1, np.int64)}
     for out in task.outputs:
@@ -202,9 +198,9 @@ def make_batch(enc: Encoded, members: List[int], rows: int, task: Task,
         b[f"w_{out.name}"] = np.zeros(shape, np.float32)
     for r, i in enumerate(members):
         ids = enc.tokens[i]
-        off = length - len(ids) if left else 0
+        off = length - len(ids) if model.left_padded else 0
         b["tokens"][r, off:off + len(ids)] = ids
-        s, n = off + enc.starts[i], len(enc.split.sequences[i])
+        s, n = off + enc.start, len(enc.split.sequences[i])
         b["residues"][r, s:s + n] = 1.0
         b["index"][r] = i
         for out in task.outputs:
@@ -222,14 +218,10 @@ def make_batch(enc: Encoded, members: List[int], rows: int, task: Task,
     return b
 
 
-def epoch_batches(enc: Encoded, rows: int, seed: Optional[int]) -> List[List[int]]:
-    """Member lists: shuffled (``seed``) pools sorted by length; in order by
-    length when ``seed`` is None (evaluation)."""
+def epoch_batches(enc: Encoded, rows: int, seed: int) -> List[List[int]]:
+    """Member lists of one epoch: shuffled (``seed``) pools sorted by length."""
     n = len(enc.tokens)
     lengths = np.array([len(t) for t in enc.tokens])
-    if seed is None:
-        order = list(np.argsort(lengths, kind="stable"))
-        return [order[i:i + rows] for i in range(0, n, rows)]
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
     pool = rows * POOL_BATCHES
@@ -270,6 +262,15 @@ class Model:
     head: Head
     norm: Dict[str, Tuple[float, float]]
     hidden: int
+    boxed: Any  # the encoder view's boxed abstract params (logical axes)
+
+    @property
+    def pad_id(self) -> int:
+        return self.view.pad_id
+
+    @property
+    def left_padded(self) -> bool:
+        return self.family.layout.padding == "left"
 
     @property
     def spec(self) -> lora_lib.LoraSpec:
@@ -278,19 +279,8 @@ class Model:
     def encoder(self):
         return self.view.module("bfloat16" if self.config.bf16 else "float32")
 
-    def base_params(self, frozen, trainable):
-        """The encoder's params as the step uses them (norms, adapters, full)."""
-        base = trainable["base"] if "base" in trainable else frozen
-        if "norms" in trainable:
-            flat = flat_paths(base)
-            flat.update({k.replace(".", "/"): v for k, v in trainable["norms"].items()})
-            base = unflatten(flat)
-        if "lora" in trainable:
-            base = lora_lib.apply(base, trainable["lora"], self.sites, self.spec)
-        return base
-
     def outputs(self, frozen, trainable, batch, *, train: bool, rng=None):
-        base = self.base_params(frozen, trainable)
+        base = adapted_params(frozen, trainable, self.sites, self.spec)
         tokens = batch["tokens"]
         reps = self.encoder().apply({"params": base}, tokens, tokens != self.view.pad_id,
                                     (self.view.num_layers,), method="encode")
@@ -314,6 +304,20 @@ class Model:
         return total, sums
 
 
+def adapted_params(frozen, trainable, sites, spec):
+    """The encoder's params as the fine-tuned model runs them: the trained base
+    (``full``) or the frozen one, with trained norms put in and adapters added.
+    The jitted step and ``--merge`` both use it."""
+    base = trainable["base"] if "base" in trainable else frozen
+    if "norms" in trainable:
+        flat = flat_paths(base)
+        flat.update({k.replace(".", "/"): v for k, v in trainable["norms"].items()})
+        base = unflatten(flat)
+    if "lora" in trainable:
+        base = lora_lib.apply(base, trainable["lora"], sites, spec)
+    return base
+
+
 def _label_norm(task: Task) -> Dict[str, Tuple[float, float]]:
     norm = {}
     for out in task.outputs:
@@ -328,60 +332,55 @@ def _label_norm(task: Task) -> Dict[str, Tuple[float, float]]:
 def build(family, view, task: Task, config: FinetuneConfig, mesh, rules,
           norm: Optional[Dict[str, Tuple[float, float]]] = None) -> Model:
     """The fine-tuning model of ``view`` (an encoder view) for ``task``."""
-    config.check()
+    boxed = boxed_view(view)
     sites = {}
     if config.method == "lora":
-        boxed = _boxed_view(view)
         sites = lora_lib.sites(family.lora_targets, boxed, config.lora_spec())
     if config.head == "cnn" and task.kind != "residue":
         raise ProtlmError(f"--head cnn is per residue; {task.name} is a per-protein task")
     head = Head(task.kind, tuple((o.name, o.size) for o in task.outputs), config.dropout,
                 conv=config.head == "cnn")
     return Model(family, view, task, config, mesh, rules, sites, head,
-                 norm if norm is not None else _label_norm(task), _hidden_size(view))
+                 norm if norm is not None else _label_norm(task), _hidden_size(view, boxed),
+                 boxed)
 
 
-def _boxed_view(view):
+def boxed_view(view):
+    """Boxed abstract params of an encoder view's module (its logical axes)."""
     module = view.make_module(view.config.replace(dtype="float32"))
     return jax.eval_shape(lambda r: module.init(r, jnp.ones((1, 8), jnp.int32),
                                                 method="encode"), jax.random.PRNGKey(0))["params"]
 
 
 def abstract_trainable(model: Model) -> Tuple[Any, Any]:
-    """(boxed abstract trainable tree, boxed abstract encoder params)."""
-    boxed_view = _boxed_view(model.view)
+    """Boxed abstract trainable tree (``head``, ``lora``, ``norms``, ``base``)."""
     x = jnp.zeros((1, 8, model.hidden), jnp.float32)
     head = jax.eval_shape(lambda r: model.head.init(r, x, jnp.ones((1, 8))), jax.random.PRNGKey(0))
     tree = {"head": head["params"]}
     cfg = model.config
     if cfg.method == "full":
-        tree["base"] = boxed_view
+        tree["base"] = model.boxed
     elif cfg.method == "lora":
         tree["lora"] = lora_lib.abstract_adapters(model.sites, model.spec)
         if cfg.train_norms:
-            leaves = _boxed_leaves(boxed_view)
-            tree["norms"] = {k.replace("/", "."): v for k, v in leaves.items() if _is_norm(k)}
-    return tree, boxed_view
+            tree["norms"] = {k.replace("/", "."): v
+                             for k, v in lora_lib.boxed_leaves(model.boxed).items()
+                             if _is_norm(k)}
+    return tree
 
 
-def _boxed_leaves(boxed) -> Dict[str, Any]:
-    return {"/".join(str(getattr(k, "key", k)) for k in p): leaf
-            for p, leaf in jax.tree_util.tree_flatten_with_path(
-                boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]}
-
-
-def _hidden_size(view) -> int:
+def _hidden_size(view, boxed) -> int:
     module = view.module("float32")
     out = jax.eval_shape(
         lambda p: module.apply({"params": p}, jnp.ones((1, 8), jnp.int32), None,
                                (view.num_layers,), method="encode"),
-        nn.meta.unbox(_boxed_view(view)))
+        nn.meta.unbox(boxed))
     return int(out["representations"][view.num_layers].shape[-1])
 
 
 def trainable_count(model: Model) -> Dict[str, int]:
     """Trainable parameters by part (``head``, ``lora``, ``norms``, ``base``)."""
-    tree, _ = abstract_trainable(model)
+    tree = abstract_trainable(model)
     return {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(v)))
             for k, v in tree.items()}
 
@@ -394,7 +393,7 @@ class Trained:
     """What a finished run gives: best trainable weights and the curve."""
     model: Model
     trainable: Any
-    frozen: Any
+    runner: "Runner"   # placed frozen params and compiled steps, for evaluation
     curve: List[Dict[str, float]]
     best_epoch: int
     left_out: Dict[str, List[str]]
@@ -409,11 +408,10 @@ class Runner:
         self.model = model
         mesh, rules = model.mesh, model.rules
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        boxed_tree, boxed_view = abstract_trainable(model)
         with partitioning.axis_rules(mesh, rules):
             self.t_shardings, self.t_abstract = partitioning.param_shardings(
-                boxed_tree, mesh, rules)
-            self.v_shardings, _ = partitioning.param_shardings(boxed_view, mesh, rules)
+                abstract_trainable(model), mesh, rules)
+            self.v_shardings, _ = partitioning.param_shardings(model.boxed, mesh, rules)
         cfg = model.config
         self.tx = optax.MultiSteps(optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay),
                                    every_k_schedule=cfg.accumulate)
@@ -495,17 +493,6 @@ class Runner:
                 if k != "index"}
 
 
-def _sum(parts: List[Dict]) -> Dict[str, float]:
-    total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(parts))
-    out = {}
-    for key in total:
-        name, what = key.split("/")
-        if what == "weight":
-            out[f"{name}_loss"] = total[f"{name}/loss_sum"] / max(total[key], 1.0)
-    out["loss"] = sum(v for k, v in out.items() if k.endswith("_loss"))
-    return out
-
-
 EVAL_TOKENS_PER_DEVICE = 4096
 
 
@@ -515,10 +502,9 @@ def evaluate(runner: Runner, trainable, enc: Encoded) -> Tuple[Dict, Dict]:
     m = runner.model
     fn = runner.eval_step()
     parts, preds = [], {o.name: [None] * len(enc.tokens) for o in m.task.outputs}
-    pad, left = m.view.pad_id, m.family.layout.padding == "left"
     data = int(m.mesh.shape["data"])
     for rows, members in eval_batches(enc, data, EVAL_TOKENS_PER_DEVICE):
-        b = make_batch(enc, members, rows, m.task, pad, left, m.norm)
+        b = make_batch(enc, members, rows, m)
         sums, p = fn(trainable, runner.frozen_arg(), runner.put(b))
         parts.append(sums)
         p = jax.device_get(p)
@@ -534,7 +520,7 @@ def evaluate(runner: Runner, trainable, enc: Encoded) -> Tuple[Dict, Dict]:
                     mean, std = m.norm[o.name]
                     v = v * std + mean
                 preds[o.name][i] = v
-    return _sum(parts), preds
+    return sum_metrics(parts), preds
 
 
 def fit(model: Model, frozen_params, task_enc: Dict[str, Encoded], *, output: Optional[str],
@@ -552,7 +538,7 @@ def fit(model: Model, frozen_params, task_enc: Dict[str, Encoded], *, output: Op
     if not train_enc.tokens or not valid_enc.tokens:
         raise ProtlmError("no training or validation protein fits the model's positions")
     trainable, opt_state = runner.init(cfg.seed)
-    best = {"loss": np.float64(np.inf), "epoch": np.int64(0), "stale": np.int64(0)}
+    best = {"loss": math.inf, "epoch": 0, "stale": 0}
     best_trainable = jax.tree.map(jnp.copy, trainable)
     curve: List[Dict[str, float]] = []
     start_epoch, step, resumed = 0, 0, None
@@ -574,19 +560,18 @@ def fit(model: Model, frozen_params, task_enc: Dict[str, Encoded], *, output: Op
                 log(f"resumed from step {step} (epoch {start_epoch})")
         rng = jax.random.key(cfg.seed)
         train_fn = runner.train_step()
-        pad, left = model.view.pad_id, model.family.layout.padding == "left"
         for epoch in range(start_epoch, cfg.epochs):
             if best["stale"] >= cfg.patience:
                 break
             parts = []
             for members in epoch_batches(train_enc, rows, cfg.seed * 1000 + epoch):
-                b = make_batch(train_enc, members, rows, model.task, pad, left, model.norm)
+                b = make_batch(train_enc, members, rows, model)
                 step_rng = jax.random.fold_in(rng, step)
                 trainable, opt_state, sums = train_fn(trainable, opt_state, runner.frozen_arg(),
                                                       runner.put(b), step_rng)
                 parts.append(sums)
                 step += 1
-            train_m = _sum(parts)
+            train_m = sum_metrics(parts)
             valid_m, _ = evaluate(runner, trainable, valid_enc)
             row = {"epoch": epoch + 1, "step": step,
                    **{f"train_{k}": v for k, v in train_m.items()},
@@ -615,27 +600,5 @@ def fit(model: Model, frozen_params, task_enc: Dict[str, Encoded], *, output: Op
         if ckpt is not None:
             ckpt.close()
     left_out = {k: v.left_out for k, v in task_enc.items()}
-    return Trained(model, best_trainable, runner.frozen, curve, int(best["epoch"]), left_out,
+    return Trained(model, best_trainable, runner, curve, int(best["epoch"]), left_out,
                    time.perf_counter() - t0, resumed)
-
-
-def predict(trained: Trained, enc: Encoded) -> Dict[str, List[Any]]:
-    runner = Runner(trained.model, trained.frozen)
-    _, preds = evaluate(runner, trained.trainable, enc)
-    return preds
-
-
-def step_tokens_per_second(runner: Runner, trainable, opt_state, batch: Dict,
-                           steps: int) -> float:
-    """Tokens/s of ``steps`` train steps on one batch (after a warm-up step)."""
-    fn = runner.train_step()
-    placed = runner.put(batch)
-    rng = jax.random.key(0)
-    trainable, opt_state, s = fn(trainable, opt_state, runner.frozen_arg(), placed, rng)
-    jax.block_until_ready(s)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        trainable, opt_state, s = fn(trainable, opt_state, runner.frozen_arg(), placed,
-                                     jax.random.fold_in(rng, i))
-    jax.block_until_ready(s)
-    return math.prod(batch["tokens"].shape) * steps / (time.perf_counter() - t0)

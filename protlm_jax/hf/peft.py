@@ -32,7 +32,6 @@ from safetensors.numpy import save_file
 from protlm_jax.errors import ProtlmError
 from protlm_jax.finetune import lora as lora_lib
 from protlm_jax.finetune import run as run_lib
-from protlm_jax.finetune import train as train_lib
 from protlm_jax.hf import engine
 
 PREFIX = "base_model.model."
@@ -40,24 +39,18 @@ PREFIX = "base_model.model."
 
 def export(base_path: str, adapter_dir: str, output: str) -> Dict[str, Any]:
     """Writes the PEFT adapter of ``adapter_dir`` (fitted on ``base_path``)."""
-    manifest, weights = run_lib.read_artifact(adapter_dir)
-    if manifest.get("method") != "lora":
-        raise ProtlmError(f"{adapter_dir}: a {manifest.get('method')} fine-tuning output; "
+    ad = run_lib.load_adapter(base_path, adapter_dir)
+    if ad.manifest.get("method") != "lora":
+        raise ProtlmError(f"{adapter_dir}: a {ad.manifest.get('method')} fine-tuning output; "
                           "a PEFT adapter needs --method lora")
-    base = run_lib.read_base(base_path, None)
-    family = base["family"]
-    if manifest["family"] != family.name:
-        raise ProtlmError(f"{adapter_dir}: adapters of a {manifest['family']} model, but "
-                          f"{base_path} is a {family.name} model")
+    base, family = ad.base, ad.base["family"]
     hf = family.hf()
     tensors = getattr(hf, "encoder_tensors", lambda _: None)(base["config"])
     if tensors is None:
         raise ProtlmError(f"{family.name}: no PEFT export (its Hugging Face attention "
                           "projections are not the Linear modules PEFT adapts)")
     by_path = {t.path: t for t in tensors.values()}
-    spec = lora_lib.spec_from_json(manifest["lora"])
-    sites = lora_lib.sites(family.lora_targets, train_lib._boxed_view(base["view"]), spec)
-    tree = run_lib._trainable_tree(weights)
+    sites, spec, tree = ad.sites, ad.spec, ad.tree
     out: Dict[str, np.ndarray] = {}
     modules = []
     for key, site in sorted(sites.items()):

@@ -26,7 +26,7 @@ Shapes: B batch, L length, D feature size, C classes.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -39,10 +39,16 @@ SS8_CLASSES = ("H", "G", "I", "E", "B", "T", "S", "C")
 
 
 class SecondaryStructureCNN(nn.Module):
-    """ProtTrans's two-layer CNN for 3- and 8-state secondary structure."""
+    """ProtTrans's two-layer CNN for 3- and 8-state secondary structure.
+
+    ``outputs``: (name, classes) of the parallel second convolutions (the
+    fine-tuning heads give their own).
+    """
     hidden: int = 32
     kernel: int = 7
     dropout: float = 0.25
+    outputs: Tuple[Tuple[str, int], ...] = (("ss3", len(SS3_CLASSES)),
+                                            ("ss8", len(SS8_CLASSES)))
 
     @nn.compact
     def __call__(self, x_BLD: Array, mask_BL: Array, *, train: bool = False) -> dict:
@@ -52,11 +58,8 @@ class SecondaryStructureCNN(nn.Module):
         h = nn.relu(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h_BLH = h * mask_BL[..., None].astype(h.dtype)
-        ss3 = nn.Conv(len(SS3_CLASSES), (self.kernel,), padding=[(pad, pad)],
-                      name="ss3")(h_BLH)
-        ss8 = nn.Conv(len(SS8_CLASSES), (self.kernel,), padding=[(pad, pad)],
-                      name="ss8")(h_BLH)
-        return {"ss3": ss3, "ss8": ss8}
+        return {name: nn.Conv(size, (self.kernel,), padding=[(pad, pad)], name=name)(h_BLH)
+                for name, size in self.outputs}
 
 
 class PerProteinFNN(nn.Module):

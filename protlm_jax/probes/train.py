@@ -285,7 +285,9 @@ def _eval_step(params, batch_stats, batch, *, head):
     return metrics, {k: jnp.argmax(v, -1) for k, v in outputs.items()}
 
 
-def _sum_metrics(parts: list[dict]) -> dict:
+def sum_metrics(parts: list[dict]) -> dict:
+    """Per-batch ``<output>/loss_sum|weight[|correct]`` sums -> ``<output>_loss``
+    (and ``_accuracy`` where counted) and their total ``loss``."""
     total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(parts))
     out = {}
     for key in total:
@@ -293,7 +295,8 @@ def _sum_metrics(parts: list[dict]) -> dict:
         if what == "weight":
             w = max(total[key], 1.0)
             out[f"{name}_loss"] = total[f"{name}/loss_sum"] / w
-            out[f"{name}_accuracy"] = total[f"{name}/correct"] / w
+            if f"{name}/correct" in total:
+                out[f"{name}_accuracy"] = total[f"{name}/correct"] / w
     out["loss"] = sum(v for k, v in out.items() if k.endswith("_loss"))
     return out
 
@@ -340,7 +343,7 @@ def fit(head, train_batches: Callable[[int], list[dict]], valid_batches: list[di
             step_rng = jax.random.fold_in(jax.random.fold_in(rng, 1), int(state.step))
             state, _, m = _train_step(state, _device_batch(b), step_rng, head=head, tx=tx)
             parts.append(m)
-        train_m = _sum_metrics(parts)
+        train_m = sum_metrics(parts)
         valid_m = evaluate_loss(head, state.params, state.batch_stats, valid_batches)
         row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_m.items()},
                **{f"valid_{k}": v for k, v in valid_m.items()}}
@@ -364,7 +367,7 @@ def _device_batch(b: dict) -> dict:
 def evaluate_loss(head, params, batch_stats, batches: list[dict]) -> dict:
     parts = [_eval_step(params, batch_stats, _device_batch(b), head=head)[0]
              for b in batches]
-    return _sum_metrics(parts)
+    return sum_metrics(parts)
 
 
 def predict(result: FitResult, batches: list[dict], num_items: int) -> dict:
