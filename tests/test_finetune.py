@@ -8,7 +8,6 @@ machinery; the demo models' numbers are in the README).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -22,9 +21,10 @@ import numpy as np
 import pytest
 
 from protlm_jax import cli, models, partitioning
-from protlm_jax.checkpoints import Checkpointer
 from protlm_jax.embed import io as embed_io
 from protlm_jax.finetune import lora, run, tasks, train
+
+from conftest import random_model_dir, random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FETCHED = os.path.join(REPO, "data", "fetched")
@@ -33,26 +33,8 @@ ARGS = ["--task", "scl2205", "--train_limit", "24", "--test_limit", "8",
         "--max_train_length", "120", "--epochs", "2", "--batch_size", "8", "--quiet"]
 
 
-def _init_params(family_name, seed=0):
-    fam = models.lookup(family_name)
-    cfg = fam.presets[PRESETS[family_name]]
-    module, feats = fam.build(cfg)
-    x = jnp.ones((2, 8), jnp.int32)
-    params = nn.meta.unbox(module.init(jax.random.PRNGKey(seed), *[x] * len(feats))["params"])
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    return cfg, jax.tree.unflatten(tree, [v + 0.05 * jax.random.normal(k, v.shape)
-                                          for v, k in zip(leaves, keys)])
-
-
 def _model_dir(path, family_name):
-    cfg, params = _init_params(family_name)
-    ckpt = Checkpointer(str(path), async_save=False)
-    ckpt.save(3, {"step": jnp.asarray(3, jnp.int32), "params": params},
-              {"model_config": dataclasses.asdict(cfg), "model_family": family_name,
-               "step": 3})
-    ckpt.close()
-    return str(path)
+    return random_model_dir(path, family_name, PRESETS[family_name])
 
 
 def _tree_bytes(path):
@@ -69,7 +51,7 @@ def _tree_bytes(path):
 
 
 def test_lora_zero_b_is_exact_and_counts_follow_the_formula():
-    cfg, params = _init_params("t5")
+    cfg, params = random_params("t5", PRESETS["t5"])
     fam = models.lookup("t5")
     view = fam.encoder_view(cfg, params)
     spec = lora.LoraSpec(rank=4, alpha=1.0)

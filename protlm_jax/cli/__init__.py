@@ -10,6 +10,9 @@
     protlm embed --model DIR --input X.fasta --output Y.h5 [--per_protein] [--layers -1 …]
     protlm generate --model DIR --num N --output FASTA [--prompt SEQ] [--max_length 100]
                     [--top_p 0.9] [--top_k 0] [--temperature 1] [--greedy] [--seed 0]
+    protlm analyze aminoacids --model DIR --output OUT [--fasta F] [--method tsne umap pca]
+    protlm analyze proteins (--embeddings H5 | --model DIR) (--labels CSV | --task scl2205)
+                   --output OUT
     protlm export-hf --model DIR --output HF_DIR [--encoder_only] [--dtype float32|float16|bfloat16]
                      [--max_shard_size 5GB] [--step N]      (T5, BERT, ALBERT, ELECTRA, XLNet)
     protlm import-hf --input HF_DIR --output DIR [--step N] [--model_parallel_size N]
@@ -34,6 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import protlm_tasks  # noqa: E402,F401  (registers the seqio tasks `examples` prints)
 from protlm_jax import embed, gin_config  # noqa: E402
+from protlm_jax.cli import analyze as analyze_cmd  # noqa: E402
 from protlm_jax.cli import data as data_cmd  # noqa: E402
 from protlm_jax.cli import finetune as finetune_cmd  # noqa: E402
 from protlm_jax.cli import generate as generate_cmd  # noqa: E402
@@ -306,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Samples sequences (greedy, or temperature / top-k / nucleus sampling "
         "as Hugging Face generate) from a MODEL_DIR or Hugging Face directory of an "
         "auto-regressive family and writes them as FASTA."))
+    analyze_cmd.add_arguments(sub.add_parser(
+        "analyze", help="what the embeddings learned: amino-acid and protein maps with numbers",
+        description="Projections (PCA, t-SNE, UMAP) of amino-acid and per-protein embeddings "
+        "as PNG and interactive HTML, with the numbers behind them as JSON."))
     _add_hf(sub)
     _add_gin_run(sub, "train", "train or resume a model configured with gin")
     _add_gin_run(sub, "eval", "evaluate a checkpoint configured with gin")
@@ -344,6 +352,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_embed(args)
         if args.command == "generate":
             return generate_cmd.run(args)
+        if args.command == "analyze":
+            return analyze_cmd.run(args)
         if args.command in ("export-hf", "import-hf"):
             return _run_hf(args)
         if args.command in ("train", "eval", "plan"):

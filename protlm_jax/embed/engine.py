@@ -38,6 +38,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta as nn_meta
 
 from protlm_jax import host_memory, models, partitioning
 from protlm_jax.data.residues import RARE_TO_X
@@ -203,6 +204,20 @@ class Embedder:
 
         other = copy.copy(self)  # shares the dict of compiled programs
         other.params = self._place(self._view(params))
+        other.step = None
+        return other
+
+    def with_random_params(self, seed: int = 0) -> "Embedder":
+        """This embedder on a random initialisation of the same config (the
+        family's own initialisers, seeded): the baseline an analysis compares
+        trained weights against."""
+        import copy
+
+        module = self._view_template.make_module(self.config)
+        boxed = module.init(jax.random.PRNGKey(seed), jnp.ones((1, 8), jnp.int32),
+                            method="encode")["params"]
+        other = copy.copy(self)
+        other.params = jax.device_put(nn_meta.unbox(boxed), self._param_shardings)
         other.step = None
         return other
 
