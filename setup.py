@@ -42,6 +42,8 @@ setup(
         "numpy>=1.26",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        # Apache Beam imports pandas when a pipeline runs inside IPython (notebooks, Colab).
+        "pandas>=2.2,<3",  # 3.x breaks Beam 2.77's interactive runner
         # Hugging Face PEFT: fine-tuned LoRA adapters load on exported bases.
         "peft>=0.13",
         # protlm analyze: projections (t-SNE, PCA, UMAP), k-NN and silhouette, interactive HTML.

@@ -43,19 +43,25 @@ def input_rows(embedder) -> np.ndarray:
     return np.stack([out[a][0] for a in properties.AMINO_ACIDS])
 
 
-def read_proteins(path: str, limit: int) -> list:
-    """The first ``limit`` records of a FASTA file as (id, sequence); one line on bad input."""
-    records = []
+def read_proteins(path: str, limit: int, max_length: Optional[int] = None) -> tuple:
+    """(the first ``limit`` records of a FASTA file no longer than ``max_length`` as
+    (id, sequence), how many longer ones were passed over); one line on bad input."""
+    records, longer = [], 0
     for rec in fasta_io.read_records(path):
         reason = fasta_io.invalid_reason(rec.sequence)
         if reason:
             raise InputError(path, rec.line, f"record {rec.id!r}: {reason.replace('_', ' ')}")
+        if max_length is not None and len(clean_sequence(rec.sequence)) > max_length:
+            longer += 1
+            continue
         records.append((f"{len(records)}", rec.sequence))
         if len(records) >= limit:
             break
     if not records:
-        raise InputError(path, 0, "no FASTA records")
-    return records
+        raise InputError(path, 0, "no FASTA records" if not longer else
+                         f"all {longer} records are longer than the model's "
+                         f"{max_length} residues")
+    return records, longer
 
 
 def contextual_means(embedder, records: Sequence[tuple], batch_tokens: int = 4096):
@@ -96,7 +102,8 @@ def analyze(embedder, output: str, *, fasta: Optional[str] = None, proteins: int
       output: the folder (created) for ``aminoacids.json``,
         ``aminoacids_points.csv``, ``aminoacids_<method>.png`` / ``.html``.
       fasta: proteins for the contextual view (None: no contextual view).
-      proteins: the first this many records of ``fasta``.
+      proteins: the first this many records of ``fasta`` (that fit the model's
+        positions; longer ones are passed over and counted).
       methods: projections (``pca``, ``tsne``, ``umap``).
       metric: embedding distance (``cosine`` or ``euclidean``).
       perplexity, neighbors: t-SNE and UMAP settings (20 points).
@@ -114,7 +121,13 @@ def analyze(embedder, output: str, *, fasta: Optional[str] = None, proteins: int
                                neighbors=neighbors)
     if permutations < 1:
         raise ProtlmError(f"--permutations must be at least 1, got {permutations}")
-    records = read_proteins(fasta, proteins) if fasta else None
+    records, longer = None, 0
+    if fasta:
+        # Learned positions end somewhere (BERT-style models): longer proteins
+        # are passed over, and counted.
+        room = None if embedder.max_tokens is None else \
+            embedder.max_tokens - len(embedder.prefix) - len(embedder.suffix)
+        records, longer = read_proteins(fasta, proteins, room)
     weights = {"model": embedder, "random_init": embedder.with_random_params(seed)}
     vectors: Dict[tuple, np.ndarray] = {}
     occurrences = None
@@ -128,6 +141,7 @@ def analyze(embedder, output: str, *, fasta: Optional[str] = None, proteins: int
         "properties": {"hydrophobicity": "Kyte-Doolittle 1982", "volume": "Zamyatnin 1972 (A^3)",
                        "charge": "side chain at pH 7 (H +0.1)"},
         "fasta": fasta, "proteins": None if records is None else len(records),
+        "proteins_passed_over_longer_than_positions": longer,
         "residues_per_amino_acid": None if occurrences is None else
         dict(zip(properties.AMINO_ACIDS, occurrences.tolist())),
         "correlations": {}, "files": []}
