@@ -24,7 +24,7 @@ from protlm_jax import cli
 from protlm_jax.analyze import aminoacids, properties, proteins, stats
 from protlm_jax.embed import io as embed_io
 
-from conftest import REPO, random_model_dir
+from conftest import REPO, random_model_dir, read_sample_records
 
 FETCHED = os.path.join(REPO, "data", "fetched")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -180,3 +180,12 @@ def test_html_loads_in_headless_chromium(scl, tmp_path, capsys):
     # A rendered plot: mostly white page, plus coloured markers (not one flat colour).
     colours = {tuple(p) for p in (img.reshape(-1, 3) * 255).astype(int)[::7]}
     assert img.mean() > 0.8 and len(colours) > 20
+
+
+def test_contextual_proteins_beyond_the_positions_are_passed_over_and_counted():
+    records, longer = aminoacids.read_proteins(str(REPO / "data" / "sample" /
+                                                   "uniprot_sample.fasta.gz"), 50, 200)
+    expected = [s for _, s in read_sample_records()]
+    short = [s for s in expected if len(s) <= 200][:50]
+    assert [s for _, s in records] == short
+    assert longer == sum(len(s) > 200 for s in expected[:expected.index(short[-1])])

@@ -16,7 +16,7 @@ import numpy as np
 
 UNKNOWN = "UNKNOWN"
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-            "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173",
+            "#bcbd22", "#17becf", "#000000", "#637939", "#ff9896", "#aec7e8", "#7b4173",
             "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#fd8d3c")
 
 
@@ -89,13 +89,13 @@ def write_png(panels: Sequence[Panel], path: str, *, suptitle: str = "",
             if name not in names:
                 handles.append(h)
                 names.append(name)
-    fig.legend(handles, names, loc="lower center", ncol=min(6, len(names)), fontsize=8,
-               frameon=False)
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               frameon=False, markerscale=1.0 if panels[0].text is not None else 2.0)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96 if suptitle else 1))
+    fig.tight_layout(rect=(0, 0, 1, 0.96 if suptitle else 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
