@@ -50,14 +50,18 @@ def _cli(capsys, *argv):
 
 
 def test_aminoacids_numbers_follow_the_seed_and_the_files_open(model_dir, tmp_path, capsys):
-    runs = {}
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        code, out, err = _cli(capsys, "aminoacids", "--model", model_dir, "--output",
-                              tmp_path / name, "--method", "pca", "tsne", "--proteins", 30,
-                              "--permutations", 199, "--seed", seed)
-        assert code == 0, err
-        runs[name] = json.loads((tmp_path / name / "aminoacids.json").read_text())
-        assert json.loads(out.splitlines()[-1]) == runs[name]["correlations"]
+    options = dict(proteins=30, methods=("pca", "tsne"), permutations=199)
+    code, out, err = _cli(capsys, "aminoacids", "--model", model_dir, "--output", tmp_path / "a",
+                          "--method", "pca", "tsne", "--proteins", 30, "--permutations", 199)
+    assert code == 0, err
+    runs = {"a": json.loads((tmp_path / "a" / "aminoacids.json").read_text())}
+    assert json.loads(out.splitlines()[-1]) == runs["a"]["correlations"]
+    # The library call the CLI makes, on one embedder (its programs compiled once).
+    embedder = embed_io.load_model(model_dir)
+    for name, seed in (("b", 0), ("c", 1)):
+        runs[name] = aminoacids.analyze(embedder, str(tmp_path / name), fasta=runs["a"]["fasta"],
+                                        seed=seed, model_name="model", **options)
+        assert runs[name] == json.loads((tmp_path / name / "aminoacids.json").read_text())
     a, b, c = runs["a"], runs["b"], runs["c"]
     assert a == b  # the same seed: the same numbers, to the digit
     assert (tmp_path / "a" / "aminoacids_points.csv").read_text() == \

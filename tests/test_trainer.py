@@ -213,8 +213,9 @@ def test_two_processes_equal_one(tmp_path, prepared_sample, experiment):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "step 8" in outs[0][0] and "step 8" not in outs[1][0]  # only process 0 logs
-    # Gloo sums across processes in another order than XLA within one: last bits.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    # Gloo sums across processes in another order than XLA within one: last bits
+    # (2.4e-7 on a 0.013 weight after 8 steps on an AVX-512 machine).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  _final_params(one), _final_params(two))
 
 
