@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,35 +26,35 @@ from protlm_jax.analyze import plots, stats
 from protlm_jax.data import fasta as fasta_io
 from protlm_jax.embed.engine import sanitize_id
 from protlm_jax.errors import InputError, ProtlmError
-from protlm_jax.probes import datasets
+from protlm_jax.probes import datasets, features
 
 TASKS = ("scl2205",)
 
 
-def read_h5(path: str) -> Dict[str, np.ndarray]:
-    """{dataset key: [D] float32} of a per-protein HDF5 file; one line on bad input."""
+def read_h5(path: str) -> Tuple[Dict[str, np.ndarray], Callable[[str], Optional[str]]]:
+    """({dataset key: [D] float32}, the key of a protein id) of a per-protein HDF5 file.
+
+    Ids resolve as the probes resolve them (:class:`~protlm_jax.probes.features.H5Features`:
+    the key, the ``original_id`` or its first word, the sanitised id). One line on bad input.
+    """
     import h5py
 
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise InputError(path, 0, f"cannot open as HDF5: {e}") from None
+    h5 = features.H5Features(path)
     out: Dict[str, np.ndarray] = {}
-    with f:
-        for key, ds in f.items():
-            if not isinstance(ds, h5py.Dataset):
-                raise InputError(path, 0, f"{key!r} is a group, not a per-protein dataset")
-            if ds.ndim != 1:
-                raise InputError(path, 0, f"{key!r} has shape {ds.shape}: not a per-protein "
-                                 "vector (embed with `protlm embed --per_protein`)")
-            out[key] = np.asarray(ds[()], np.float32)
+    for key, ds in h5.items():
+        if not isinstance(ds, h5py.Dataset):
+            raise InputError(path, 0, f"{key!r} is a group, not a per-protein dataset")
+        if ds.ndim != 1:
+            raise InputError(path, 0, f"{key!r} has shape {ds.shape}: not a per-protein "
+                             "vector (embed with `protlm embed --per_protein`)")
+        out[key] = np.asarray(ds[()], np.float32)
     if not out:
         raise InputError(path, 0, "no per-protein vectors (embed with "
                          "`protlm embed --per_protein`)")
     dims = {v.shape[0] for v in out.values()}
     if len(dims) > 1:
         raise InputError(path, 0, f"vectors of different sizes {sorted(dims)}")
-    return out
+    return out, h5.key
 
 
 def read_labels(path: str) -> Dict[str, str]:
@@ -115,17 +115,11 @@ def read_sequences(path: str) -> Dict[str, str]:
     return out
 
 
-def _match(keys: Sequence[str], ident: str) -> Optional[str]:
-    for k in (ident, sanitize_id(ident)):
-        if k in keys:
-            return k
-    return None
-
-
 def analyze(vectors: Dict[str, np.ndarray], labels: Dict[str, str], output: str, *,
             sequences: Optional[Dict[str, str]] = None,
             baselines: Optional[Dict[str, Dict[str, np.ndarray]]] = None,
-            labels_source: str = "labels",
+            resolve: Optional[Callable[[str], Optional[str]]] = None,
+            extra: Optional[Mapping[str, Any]] = None, labels_source: str = "labels",
             embeddings_source: str = "embeddings", strict: bool = True,
             methods: Sequence[str] = ("tsne",), metric: str = "cosine",
             perplexity: float = 30.0, neighbors: int = 15, k: int = 5, seed: int = 0) -> dict:
@@ -133,13 +127,15 @@ def analyze(vectors: Dict[str, np.ndarray], labels: Dict[str, str], output: str,
 
     Args:
       vectors: {HDF5 key: [D]}.
-      labels: {protein id: label}; ids are matched to keys as given or
-        sanitised as ``protlm embed`` keys them.
+      labels: {protein id: label}, matched to keys by ``resolve``.
       output: the folder for ``proteins.json``, ``proteins_points.csv``,
         ``proteins_<method>.png`` / ``.html``.
       sequences: {id or key: sequence} for the composition baseline (None: no baseline).
       baselines: more vectors scored beside them, by name ({"random_init": {key: [D]}}),
         with the same keys.
+      resolve: protein id -> key or None (default: the id as given or sanitised as
+        ``protlm embed`` keys it; :func:`read_h5` gives the probes' lookup).
+      extra: more entries for ``proteins.json`` (counts of the caller's).
       labels_source, embeddings_source: file names for messages.
       strict: every label's id must be in ``vectors`` (a labels CSV); False
         for a task's labels, of which the file holds a subset.
@@ -155,11 +151,13 @@ def analyze(vectors: Dict[str, np.ndarray], labels: Dict[str, str], output: str,
     if k < 1:
         raise ProtlmError(f"--k must be at least 1, got {k}")
     keys = list(vectors)
-    key_set = set(keys)
+    if resolve is None:
+        def resolve(ident):
+            return next((k for k in (ident, sanitize_id(ident)) if k in vectors), None)
     point_label: Dict[str, str] = {}
     missing: List[str] = []
     for ident, label in labels.items():
-        key = _match(key_set, ident)
+        key = resolve(ident)
         if key is None:
             missing.append(ident)
         else:
@@ -180,7 +178,8 @@ def analyze(vectors: Dict[str, np.ndarray], labels: Dict[str, str], output: str,
         "seed": seed, "points": len(keys), "labelled": len(labelled),
         "unknown": len(keys) - len(labelled), "labels_not_in_embeddings": len(missing),
         "classes": {c: y.count(c) for c in sorted(set(y))},
-        "majority_accuracy": stats.majority_accuracy(y), "scores": {}, "files": []}
+        "majority_accuracy": stats.majority_accuracy(y), **(extra or {}), "scores": {},
+        "files": []}
 
     def score(name, features):
         entry = {"knn_accuracy": stats.knn_accuracy(features, y, k=k, metric=metric)}
@@ -241,8 +240,8 @@ def select(sequences: Dict[str, str], *, limit: Optional[int], max_length: Optio
     those no longer than ``max_length``, in id order."""
     ids = sorted(sequences)
     short = [i for i in ids if not max_length or len(sequences[i]) <= max_length]
+    longer = len(ids) - len(short)
     if limit and limit < len(short):
         rng = np.random.default_rng(seed)
         short = sorted(rng.choice(short, size=limit, replace=False).tolist())
-    return [(i, sequences[i]) for i in short], len(ids) - sum(
-        1 for i in ids if not max_length or len(sequences[i]) <= max_length)
+    return [(i, sequences[i]) for i in short], longer

@@ -106,12 +106,14 @@ def run(args: argparse.Namespace) -> int:
             labels_source = args.labels
         if args.fasta:
             sequences = proteins.read_sequences(args.fasta)
-        left_out, baselines = 0, {}
+        extra, baselines, resolve = {}, {}, None
         if args.model is not None:
             if sequences is None:
                 raise ProtlmError("--model needs the sequences to embed: give --fasta or --task")
-            records, left_out = proteins.select(sequences, limit=args.limit,
-                                                max_length=args.max_length, seed=args.seed)
+            records, longer = proteins.select(sequences, limit=args.limit,
+                                              max_length=args.max_length, seed=args.seed)
+            if longer:
+                extra["left_out_longer_than_max_length"] = longer
             if not records:
                 raise ProtlmError(f"no protein is at most --max_length {args.max_length}")
             embedder = embed_io.load_model(args.model, args.step)
@@ -121,18 +123,14 @@ def run(args: argparse.Namespace) -> int:
                     embedder.with_random_params(args.seed), records)
             source = os.path.basename(os.path.normpath(args.model))
         else:
-            vectors = proteins.read_h5(args.embeddings)
+            vectors, resolve = proteins.read_h5(args.embeddings)
             source = args.embeddings
         result = proteins.analyze(
             vectors, labels, args.output, sequences=sequences, baselines=baselines,
-            labels_source=labels_source,
+            resolve=resolve, extra=extra, labels_source=labels_source,
             embeddings_source=source, strict=args.labels is not None and args.model is None,
             methods=args.method, metric=args.metric, perplexity=args.perplexity,
             neighbors=args.neighbors, k=args.k, seed=args.seed)
-        if left_out:
-            result["left_out_longer_than_max_length"] = left_out
-            with open(os.path.join(args.output, "proteins.json"), "w") as f:
-                json.dump(result, f, indent=1)
         print(_summary(result))
     print(f"protlm analyze: wrote {', '.join(result['files'])} to {args.output}",
           file=sys.stderr)

@@ -107,11 +107,22 @@ class H5Features:
                 self._by_original.setdefault(original, key)
                 self._by_original.setdefault(original.split()[0], key)
 
-    def _lookup(self, ident: str):
+    def items(self):
+        """(key, h5py object) of every top-level entry of the file."""
+        return self._file.items()
+
+    def key(self, ident: str) -> Optional[str]:
+        """The dataset key of protein ``ident`` (see the class docstring), or None."""
         for key in (ident, self._by_original.get(ident), sanitize_id(ident)):
             if key is not None and key in self._file:
-                return self._file[key]
-        raise InputError(self.path, 0, f"no embedding for protein {ident!r}")
+                return key
+        return None
+
+    def _lookup(self, ident: str):
+        key = self.key(ident)
+        if key is None:
+            raise InputError(self.path, 0, f"no embedding for protein {ident!r}")
+        return self._file[key]
 
     def __call__(self, records: Sequence[tuple[str, str]], per_protein: bool) -> list:
         out = []
