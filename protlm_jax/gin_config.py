@@ -158,11 +158,12 @@ def evaluate(model_config=gin.REQUIRED,
     run = _build(model_config, eval_data_config, train_config, optimizer_config,
                  objective, {})
     checkpointer = checkpoints.Checkpointer(train_config.model_dir, async_save=False)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
+    # Params only: the optimizer that trained them (LAMB, Adafactor…) does not matter;
+    # the newest step that verifies, unless `step`.
+    restored = checkpointer.restore_latest(run.init_state(), params_only=True, step=step)
+    if restored is None:
         raise ProtlmError(f"{train_config.model_dir}: no complete checkpoint to evaluate")
-    # Params only: the optimizer that trained them (LAMB, Adafactor…) does not matter.
-    state, _ = checkpointer.restore_params(step, run.init_state())
+    state, _, step = restored
     batches = data_pipeline.batches(eval_data_config, train_config.batch_size,
                                     seed=train_config.seed, num_epochs=1,
                                     process_index=jax.process_index(),

@@ -503,9 +503,10 @@ class Trainer:
         writer = metric_writers.create_default_writer(
             os.path.join(cfg.model_dir, "train"), just_logging=not self.is_chief)
         state = self.init_state()
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            state, meta = checkpointer.restore(latest, state)
+        restored = checkpointer.restore_latest(state)  # the newest step that verifies
+        latest = None
+        if restored is not None:
+            state, meta, latest = restored
             # An imported (params-only) checkpoint starts a new run: any seed.
             if not meta.get("params_only") and meta.get("seed") != cfg.seed:
                 raise ProtlmError(f"{cfg.model_dir}: checkpoint was trained with seed "
@@ -543,13 +544,8 @@ class Trainer:
                 pending = []
                 elapsed = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                if any(m["nonfinite"] for m in sums):
-                    bad = done - len(sums) + next(i for i, m in enumerate(sums) if m["nonfinite"])
-                    checkpointer.close()
-                    raise ProtlmError(
-                        f"non-finite loss or gradient at step {bad + 1}; stopped without "
-                        f"applying it. Last good checkpoint: step {last_good} in "
-                        f"{checkpointer.directory}")
+                self._stop_if_nonfinite([m["nonfinite"] for m in sums], done, checkpointer,
+                                        last_good)
                 total = jax.tree.map(lambda *x: np.sum(x), *sums)
                 scalars = self._finalize(total)
                 scalars["learning_rate"] = float(sums[-1]["learning_rate"])
@@ -561,6 +557,10 @@ class Trainer:
                 writer.write_scalars(done, scalars)
                 self._print(_summary_line(done, scalars))
             if done % cfg.checkpoint_period == 0 or done == cfg.train_steps:
+                # Every step since the last check is checked before it is saved: a
+                # checkpoint never follows a skipped non-finite step.
+                self._stop_if_nonfinite(jax.device_get([m["nonfinite"] for m in pending]),
+                                        done, checkpointer, last_good)
                 meta = {"step": done, "data_batches_consumed": done, "seed": cfg.seed,
                         "train_config": dataclasses.asdict(cfg), **self.extra_metadata}
                 checkpointer.save(done, state, meta)
@@ -575,6 +575,18 @@ class Trainer:
         checkpointer.close()
         writer.flush()
         return state
+
+    @staticmethod
+    def _stop_if_nonfinite(flags, done: int, checkpointer, last_good) -> None:
+        """Stops at the first non-finite step among the last ``len(flags)``."""
+        bad = next((i for i, f in enumerate(flags) if f), None)
+        if bad is None:
+            return
+        checkpointer.close()
+        raise ProtlmError(
+            f"non-finite loss or gradient at step {done - len(flags) + bad + 1}; stopped "
+            f"without applying it or saving after it. Last good checkpoint: step "
+            f"{last_good} in {checkpointer.directory}")
 
     def _log_eval(self, step, state, make_eval_batches, writer) -> dict:
         scalars = self.evaluate(state, make_eval_batches(), self.config.eval_batches)

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import protlm_tasks  # noqa: E402,F401  (registers the seqio tasks `examples` prints)
-from protlm_jax import embed, gin_config  # noqa: E402
+from protlm_jax import embed, errors, gin_config  # noqa: E402
 from protlm_jax.cli import analyze as analyze_cmd  # noqa: E402
 from protlm_jax.cli import data as data_cmd  # noqa: E402
 from protlm_jax.cli import finetune as finetune_cmd  # noqa: E402
@@ -188,15 +188,19 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
+def _show_warnings() -> None:
+    """The library's warnings (skipped tensors, damaged checkpoints passed over)
+    reach the user as ``protlm: warning: …``."""
+    lib_log = logging.getLogger("protlm_jax")
+    if not any(isinstance(h, _StderrHandler) for h in lib_log.handlers):
+        handler = _StderrHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("protlm: warning: %(message)s"))
+        lib_log.addHandler(handler)
+        lib_log.propagate = False
+
+
 def _run_hf(args: argparse.Namespace) -> int:
-    # Skipped tensors are reported as warnings; show them as "protlm: warning: …".
-    for name in ("protlm_jax.hf.engine",):
-        hf_log = logging.getLogger(name)
-        if not any(isinstance(h, _StderrHandler) for h in hf_log.handlers):
-            handler = _StderrHandler()
-            handler.setFormatter(logging.Formatter("protlm: warning: %(message)s"))
-            hf_log.addHandler(handler)
-            hf_log.propagate = False
     if args.command == "export-hf":
         summary = convert.export_hf(
             args.model, args.output, encoder_only=args.encoder_only, dtype=args.dtype,
@@ -333,6 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--gin.NAME=value goes with train, eval, plan and finetune")
     if extra and args.command != "prepare":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _show_warnings()
     try:
         if args.command == "prepare":
             return _run_prepare(args, extra)
@@ -359,7 +364,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command in ("train", "eval", "plan"):
             return _run_gin(args, gin_bindings)
     except ProtlmError as e:
-        message = " ".join(str(e).split())
+        print(f"protlm: error: {errors.one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        message = errors.from_environment(e)  # OSError, tf.data, TensorStore, gin…
+        if message is None:
+            raise  # a bug of ours: the traceback is the report
         print(f"protlm: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

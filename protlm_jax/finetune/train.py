@@ -544,16 +544,17 @@ def fit(model: Model, frozen_params, task_enc: Dict[str, Encoded], *, output: Op
     start_epoch, step, resumed = 0, 0, None
     ckpt = checkpoints.Checkpointer(output, keep=1, async_save=False) if output else None
     try:
-        if ckpt is not None and ckpt.latest_step() is not None:
-            like = {"trainable": trainable, "opt_state": opt_state, "best": best_trainable,
-                    "best_loss": jnp.zeros([]), "epoch": jnp.zeros([], jnp.int32),
-                    "stale": jnp.zeros([], jnp.int32), "best_epoch": jnp.zeros([], jnp.int32)}
-            state, meta = ckpt.restore(ckpt.latest_step(), like)
+        like = {"trainable": trainable, "opt_state": opt_state, "best": best_trainable,
+                "best_loss": jnp.zeros([]), "epoch": jnp.zeros([], jnp.int32),
+                "stale": jnp.zeros([], jnp.int32), "best_epoch": jnp.zeros([], jnp.int32)}
+        restored = ckpt.restore_latest(like) if ckpt is not None else None
+        if restored is not None:
+            state, meta, latest = restored
             trainable, opt_state, best_trainable = (state["trainable"], state["opt_state"],
                                                     state["best"])
             best = {"loss": float(state["best_loss"]), "epoch": int(state["best_epoch"]),
                     "stale": int(state["stale"])}
-            start_epoch, step = int(state["epoch"]), int(ckpt.latest_step())
+            start_epoch, step = int(state["epoch"]), int(latest)
             curve = list(meta.get("curve", []))
             resumed = step
             if log:
