@@ -33,10 +33,11 @@ demo: $(STAMP) data
 	$(PY) examples/demo.py --workdir $(DEMO_DIR) --model $(DEMO_MODEL)
 
 # Debian packages the tests use: Chromium opens `protlm analyze`'s HTML headless
-# (a screenshot). Installed once with apt-get (as root, or through sudo).
-SYSDEPS := chromium
+# (a screenshot); shellcheck lints tpu_scripts/. Installed once with apt-get (as
+# root, or through sudo).
+SYSDEPS := chromium shellcheck
 sysdeps:
-	@command -v chromium > /dev/null || { \
+	@{ command -v chromium && command -v shellcheck; } > /dev/null || { \
 	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  echo "installing Debian packages: $(SYSDEPS)"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \

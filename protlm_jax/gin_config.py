@@ -10,8 +10,14 @@ entry functions, :func:`train` and :func:`evaluate`. Gin files live in
 
 ``--gin.NAME=value`` binds a macro or parameter; a value that is not a gin
 literal is taken as a string, so ``--gin.MODEL_DIR=/tmp/x`` works unquoted.
-The full config is written to ``MODEL_DIR/config.gin`` at start and the
-operative config beside the checkpoints at the end.
+The full config is written to ``MODEL_DIR/config.gin`` once the run is
+accepted (resumable, data present) and the operative config beside the
+checkpoints at the end.
+
+A gin file is code: it calls the configurables it binds. Give only gin files
+you trust. As a guard, a gin file (or an include) that imports modules other
+than protlm's own, or turns on ``dynamic_registration``, is refused, and
+``--gin.`` names must be gin names. Nothing reads gin back from a MODEL_DIR.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import re
 import sys
 from typing import Mapping, Optional, Sequence
 
@@ -31,6 +38,7 @@ from protlm_jax import checkpoints, models, optimizers, plan, trainer
 from protlm_jax.data import pipeline as data_pipeline
 from protlm_jax.data import sample
 from protlm_jax.data import sources as data_sources
+from protlm_jax import errors
 from protlm_jax.errors import ProtlmError
 from protlm_jax.finetune import train as finetune_train
 from protlm_jax.probes import hook as probe_hook
@@ -114,8 +122,12 @@ def train(model_config=gin.REQUIRED,
         _prepare_sample_if_missing(data_config.task)
     os.makedirs(train_config.model_dir, exist_ok=True) if "://" not in \
         train_config.model_dir else None
-    if jax.process_index() == 0:
-        _write_text(os.path.join(train_config.model_dir, "config.gin"), gin.config_str())
+    config_text = gin.config_str()
+
+    def write_config():  # once the run is accepted: a refused run leaves it as it was
+        if jax.process_index() == 0:
+            _write_text(os.path.join(train_config.model_dir, "config.gin"), config_text)
+
     # The full gin config travels inside every checkpoint's metadata, so any
     # checkpoint says how it was made even if MODEL_DIR/config.gin is lost.
     meta = {"model_config": dataclasses.asdict(model_config),
@@ -136,7 +148,7 @@ def train(model_config=gin.REQUIRED,
                                      process_index=pi, process_count=pc)
 
     state = run.train(make_batches, make_eval if eval_data_config is not None else None,
-                      kill_at_step=kill_at_step)
+                      kill_at_step=kill_at_step, on_start=write_config)
     if jax.process_index() == 0:
         _write_text(os.path.join(train_config.model_dir, "checkpoints", "operative_config.gin"),
                     gin.operative_config_str())
@@ -214,6 +226,47 @@ def _binding(name: str, value: str) -> str:
         return f"{name} = {value!r}"
 
 
+# ``--gin.NAME=value``: a macro or a (scoped) ``configurable.parameter``.
+_BINDING_NAME = re.compile(r"[A-Za-z_][\w.]*(/[A-Za-z_][\w.]*)*")
+_IMPORT = re.compile(r"\s*(?:import\s+([\w.]+)|from\s+([\w.]+)\s+import\b)")
+_INCLUDE = re.compile(r"\s*include\s+(['\"])(.+?)\1")
+# Modules a gin file may import: protlm's own (they register configurables).
+_ALLOWED_IMPORTS = ("protlm_jax", "protlm_tasks", "tasks")
+
+
+def _check_gin_file(path: str, roots: Sequence[str], seen: set) -> None:
+    """Refuses a gin file (or an include of it) that imports code from outside
+    protlm or turns on ``dynamic_registration`` (which makes any Python
+    callable, ``os.system`` say, configurable): file:line, one line."""
+    real = os.path.realpath(path)
+    if real in seen:
+        return
+    seen.add(real)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProtlmError(f"gin: {path}: cannot be read ({e})") from None
+    for number, line in enumerate(lines, 1):
+        m = _IMPORT.match(line)
+        if m:
+            module = m[1] or m[2]
+            if module.split(".")[0] not in _ALLOWED_IMPORTS:
+                what = ("dynamic_registration" if module == "__gin__"
+                        else f"import of {module!r}")
+                raise ProtlmError(f"{path}:{number}: gin: {what} is refused (gin files may "
+                                  f"import only {', '.join(_ALLOWED_IMPORTS)} modules)")
+        m = _INCLUDE.match(line)
+        if m:
+            name = m[2]
+            found = [os.path.join(r, name) for r in (os.path.dirname(path), *roots)
+                     if os.path.isfile(os.path.join(r, name))]
+            if os.path.isabs(name) and os.path.isfile(name):
+                found.insert(0, name)
+            if found:  # a missing include is gin's own error, reported at parse
+                _check_gin_file(found[0], roots, seen)
+
+
 def parse(gin_files: Sequence[str], bindings: Mapping[str, str] | Sequence[tuple[str, str]],
           search_paths: Sequence[str] = ()) -> None:
     """Parses gin files and ``--gin.NAME=value`` bindings (T5X style).
@@ -231,15 +284,22 @@ def parse(gin_files: Sequence[str], bindings: Mapping[str, str] | Sequence[tuple
         if not found and not os.path.isfile(name):
             raise ProtlmError(f"gin: file {name!r} not found in {roots}")
         files.append(name if os.path.isfile(name) else found[0])
-    items = bindings.items() if isinstance(bindings, Mapping) else bindings
+    items = list(bindings.items() if isinstance(bindings, Mapping) else bindings)
+    for name, _ in items:
+        if not _BINDING_NAME.fullmatch(name):
+            raise ProtlmError(f"--gin.{name!r}: not a gin name (a MACRO, a "
+                              "configurable.parameter or scope/configurable.parameter)")
+    seen: set = set()
+    for path in files:
+        _check_gin_file(path, roots, seen)
     root_logger = logging.getLogger()
     quiet = _DropMissingPathMessages()
     root_logger.addFilter(quiet)  # gin logs every search-path miss as an error
     try:
         gin.parse_config_files_and_bindings(
             files, [_binding(k, v) for k, v in items], finalize_config=True)
-    except (IOError, ValueError) as e:
-        raise ProtlmError(f"gin: {' '.join(str(e).split())}") from None
+    except Exception as e:  # gin raises ValueError, SyntaxError, KeyError, …
+        raise ProtlmError(f"gin: {errors.one_line(e)}") from None
     finally:
         root_logger.removeFilter(quiet)
 

@@ -482,7 +482,8 @@ class Trainer:
 
     def train(self, make_batches: Callable[[int], Iterator[Mapping[str, np.ndarray]]],
               make_eval_batches: Optional[Callable[[], Iterator]] = None,
-              kill_at_step: Optional[int] = None) -> TrainState:
+              kill_at_step: Optional[int] = None,
+              on_start: Optional[Callable[[], None]] = None) -> TrainState:
         """Runs (or resumes) training to ``train_steps``.
 
         Args:
@@ -490,12 +491,13 @@ class Trainer:
           make_eval_batches: ``() → iterator`` of eval batches (or None).
           kill_at_step: testing hook: SIGKILL this process right after
             dispatching that step (simulates a crash at an arbitrary moment).
+          on_start: called once the run is accepted (checkpoint restored or
+            none, data opened), before the first step.
 
         Returns:
           The final state.
         """
         from clu import metric_writers
-
 
         cfg = self.config
         checkpointer = checkpoints.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints,
@@ -517,10 +519,12 @@ class Trainer:
             self._print(f"already at step {start} ≥ train_steps {cfg.train_steps}")
             checkpointer.close()
             return state
+        batches = make_batches(start)
+        if on_start is not None:
+            on_start()
         train_fn = self.train_fn(state)
         flops = self.step_flops(state) if cfg.peak_flops_per_device else 0.0
         peak = cfg.peak_flops_per_device * jax.device_count()
-        batches = make_batches(start)
         pending, t0, last_good = [], time.perf_counter(), latest
         for step in range(start, cfg.train_steps):
             try:

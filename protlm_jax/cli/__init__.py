@@ -116,6 +116,9 @@ def _add_embed(sub) -> None:
                    help="padded tokens per device per batch (default 4096)")
     p.add_argument("--step", type=int, default=None, metavar="N",
                    help="checkpoint step (default: the latest complete one)")
+    p.add_argument("--max_length", type=int, default=0, metavar="N",
+                   help="leave out (and count) proteins longer than N residues "
+                   "(default 0: embed every length)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
@@ -126,10 +129,13 @@ def _run_embed(args: argparse.Namespace) -> int:
     stats = embed.embed_fasta(embedder, args.input, args.output,
                               per_protein=args.per_protein, layers=args.layers,
                               dtype=args.dtype, token_budget=args.token_budget,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, max_length=args.max_length)
+    extra = "".join(f", {stats[k]:,} {what}" for k, what in (
+        ("redone_incomplete", "incomplete records redone"),
+        ("too_long", f"left out (longer than --max_length {args.max_length})")) if stats[k])
     print(f"protlm embed: embedded {stats['embedded']:,} sequences "
           f"({stats['residues']:,} residues), skipped {stats['skipped_existing']:,} "
-          f"already in {args.output}; normalised {json.dumps(stats['normalised'])}",
+          f"already in {args.output}{extra}; normalised {json.dumps(stats['normalised'])}",
           file=sys.stderr)
     return 0
 

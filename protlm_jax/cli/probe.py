@@ -113,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                               test_limit=args.test_limit,
                               max_train_length=args.max_train_length,
                               max_test_length=args.max_test_length, seed=args.seed)
+    if args.max_test_length and "--max_test_length" in task.notes:
+        print(f"protlm probe: {task.notes.split('; ')[-1]}", file=sys.stderr)
     head = args.head or evaluate.default_head(task)
     if args.baseline == "composition" and head != "fnn":
         raise ProtlmError(f"--baseline composition is per protein: use --head fnn, "

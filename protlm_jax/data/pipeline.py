@@ -12,13 +12,18 @@ position is the number of batches consumed, skipped on restore).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Mapping, Optional
+import logging
+from typing import Iterator, List, Mapping, Optional
 
 import numpy as np
 import seqio
+import tensorflow as tf
 
 from protlm_jax.data.feature_converters import (MLMFeatureConverter, PLMFeatureConverter,
                                                StreamConverter)
+from protlm_jax.errors import ProtlmError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +83,83 @@ def _zero_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]
             for k, v in batch.items()}
 
 
+def shard_files(config: DataConfig) -> List[str]:
+    """The files a run reads (every file-backed task of the task or mixture),
+    checked before training: none, or all empty, is a one-line error; some
+    empty gets a warning (the run reads less data than the corpus suggests).
+
+    Raises:
+      ProtlmError: a task with no shard files for the split, or only empty ones.
+    """
+    task = seqio.get_mixture_or_task(config.task)
+    tasks = getattr(task, "tasks", None) or [task]
+    out = []
+    for t in tasks:
+        list_shards = getattr(t.source, "list_shards", None)
+        if list_shards is None:
+            continue  # not read from files (a function source)
+        try:
+            shards = sorted(list_shards(config.split))
+        except (tf.errors.OpError, ValueError, KeyError) as e:
+            raise ProtlmError(f"task {t.name}: cannot list its {config.split} shards "
+                              f"({type(e).__name__}: {e})") from None
+        if not shards:
+            raise ProtlmError(f"task {t.name}: no {config.split} shard files (`protlm "
+                              "prepare` writes them; check the data dir)")
+        empty = [f for f in shards if tf.io.gfile.stat(f).length == 0]
+        if len(empty) == len(shards):
+            raise ProtlmError(f"task {t.name}: all {len(shards)} {config.split} shard files "
+                              f"are empty ({shards[0]}, …)")
+        if empty:
+            log.warning("task %s: %d of %d %s shard files are empty (%s): training reads "
+                        "the other %d", t.name, len(empty), len(shards), config.split,
+                        ", ".join(empty[:3]) + (", …" if len(empty) > 3 else ""),
+                        len(shards) - len(empty))
+        out += shards
+    return out
+
+
+def bad_shard(files: List[str]) -> Optional[str]:
+    """``FILE: reason`` of the first unreadable TFRecord file (read one by one,
+    after a read error that did not name it), or None."""
+    for f in files:
+        n = 0
+        try:
+            for record in tf.data.TFRecordDataset(f).as_numpy_iterator():
+                tf.train.Example.FromString(record)
+                n += 1
+        except (tf.errors.OpError, ValueError) as e:
+            reason = getattr(e, "message", str(e)).split("\n")[0]
+            return f"{f}: corrupt or truncated TFRecord shard after {n:,} records ({reason})"
+        except Exception as e:  # protobuf's DecodeError
+            return f"{f}: record {n + 1:,} is not a tf.train.Example ({type(e).__name__})"
+    return None
+
+
+def _guarded(gen: Iterator, files: List[str], task: str) -> Iterator:
+    """Read errors as one line naming the bad file; an exhausted stream as such."""
+    try:
+        yield from gen
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        where = bad_shard(files) or f"task {task}: {e.message.splitlines()[0]}"
+        raise ProtlmError(where) from None
+    except _RanOut:
+        raise ProtlmError(f"task {task}: no examples left after preprocessing (every "
+                          "record filtered out?)") from None
+
+
+class _RanOut(Exception):
+    """A repeating stream that yielded nothing."""
+
+
 def batches(config: DataConfig, global_batch_size: int, *, seed: int,
             start_batch: int = 0, num_epochs: Optional[int] = None,
             process_index: int = 0, process_count: int = 1
             ) -> Iterator[dict[str, np.ndarray]]:
     """Yields this process's rows of each global batch, from ``start_batch`` on.
+
+    The shard files are checked first (:func:`shard_files`); a read error
+    names the bad file.
 
     Args:
       config: what to read.
@@ -94,7 +171,21 @@ def batches(config: DataConfig, global_batch_size: int, *, seed: int,
 
     Yields:
       dicts of int32 arrays ``[global_batch_size / process_count, length]``.
+
+    Raises:
+      ProtlmError: no or only empty shard files, a corrupt shard, no examples.
     """
+    files = shard_files(config)
+    return _guarded(_batches(config, global_batch_size, seed=seed, start_batch=start_batch,
+                             num_epochs=num_epochs, process_index=process_index,
+                             process_count=process_count), files, config.task)
+
+
+def _batches(config: DataConfig, global_batch_size: int, *, seed: int,
+            start_batch: int = 0, num_epochs: Optional[int] = None,
+            process_index: int = 0, process_count: int = 1
+            ) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`batches` without the checks."""
     num_shards = config.num_data_shards or process_count
     if num_shards % process_count or global_batch_size % num_shards:
         raise ValueError(
@@ -111,7 +202,10 @@ def batches(config: DataConfig, global_batch_size: int, *, seed: int,
                    .skip(start_batch).as_numpy_iterator() for s in mine]
     if num_epochs is None:
         while True:
-            parts = [next(stream) for stream in streams]
+            try:
+                parts = [next(stream) for stream in streams]
+            except StopIteration:
+                raise _RanOut() from None
             yield {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
     # A finite pass reads every example: partial batches and shards that end
     # early are padded with zero-weight rows until the last shard is done.

@@ -349,7 +349,8 @@ class Embedder:
             if self.max_tokens is not None and len(ids) > self.max_tokens:
                 raise ProtlmError(
                     f"sequence {ident!r}: {len(seq):,} residues + {len(ids) - len(seq)} "
-                    f"special tokens exceed the model's {self.max_tokens:,} positions")
+                    f"special tokens exceed the model's {self.max_tokens:,} positions "
+                    "(embed --max_length, probe --max_test_length leave such proteins out)")
             items.append((ident, ids))
         specials = len(self.prefix) + len(self.suffix)
         bar = None

@@ -9,13 +9,24 @@
 * :func:`embed_fasta` writes HDF5 as ProtTrans' ``prott5_embedder.py`` does:
   one dataset per sequence keyed by the sanitised header, plus the
   ``original_id`` attribute (bio_embeddings' convention) and ``length``.
-  Rerunning skips ids present.
+
+A record is complete when its ``length`` attribute is there: it is written
+last, after the array and ``original_id``, so a run killed (or stopped by a
+full disk) mid-record leaves a record without it, which a rerun deletes and
+redoes; complete records are skipped. The file's attributes name the model
+(``model``: its real path, ``step``: -1 for a Hugging Face directory,
+``model_config``: JSON) and the settings; appending another model's (or
+other settings') output is refused.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
+import logging
 import os
+import re
 from typing import Optional, Sequence
 
 from protlm_jax import checkpoints, partitioning
@@ -25,6 +36,14 @@ from protlm_jax.data.vocabularies import VocabTxtVocabulary
 from protlm_jax.embed.engine import Embedder, sanitize_id
 from protlm_jax.errors import InputError, ProtlmError
 from protlm_jax.hf import convert
+
+log = logging.getLogger(__name__)
+
+# Characters HDF5 names and attributes cannot hold (NUL) or that no header
+# should carry; a tab is allowed.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Longer proteins are embedded, with a warning: attention is quadratic in length.
+LONG_WARNING = 40_000
 
 
 def read_model(path: str, step: Optional[int] = None, *, encoder_only: bool = True,
@@ -79,6 +98,7 @@ def load_model(path: str, step: Optional[int] = None, *, mesh=None) -> Embedder:
     config, params, vocab, step = read_model(path, step, encoder_only=True, mesh=mesh)
     embedder = Embedder(config, params, vocab, mesh)
     embedder.step = step
+    embedder.source = os.path.realpath(path)
     return embedder
 
 
@@ -88,6 +108,10 @@ def _read_fasta(input_path: str, counts: collections.Counter):
     """(key, sequence, header, line) of every record; bad input -> InputError."""
     records, first_line = [], {}
     for rec in fasta.read_records(input_path, counts):
+        bad = _CONTROL.search(rec.description)
+        if bad:
+            raise InputError(input_path, rec.line, f"header holds control character "
+                             f"{bad[0]!r} (HDF5 names and attributes cannot hold it)")
         key = sanitize_id(rec.description)
         if not key:
             raise InputError(input_path, rec.line, "empty header: no id to key the embedding")
@@ -109,19 +133,51 @@ def _read_fasta(input_path: str, counts: collections.Counter):
     return records
 
 
+def model_identity(embedder: Embedder) -> dict:
+    """The file attributes naming what wrote an embeddings file."""
+    config = embedder.model_config
+    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    return {"model": getattr(embedder, "source", None) or "",
+            "step": -1 if embedder.step is None else int(embedder.step),
+            "model_config": json.dumps(config, sort_keys=True, default=str)}
+
+
+def _refuse_mismatch(h5, output_h5: str, wanted: dict) -> None:
+    """An existing file written by another model or with other settings: refused."""
+    for name, value in wanted.items():
+        if name not in h5.attrs:
+            continue  # a file from before the attribute existed
+        have = h5.attrs[name]
+        if name == "layers":
+            have = [int(i) for i in have]
+        elif name == "per_protein":
+            have = bool(have)
+        elif name == "step":
+            have = int(have)
+        else:
+            have = have.decode() if isinstance(have, bytes) else str(have)
+        if have != value:
+            shown = ("another model config" if name == "model_config"
+                     else f"{name}={have}, asked {name}={value}")
+            raise ProtlmError(f"{output_h5}: written with {shown}; use another output file")
+
+
 def embed_fasta(embedder: Embedder, input_path: str, output_h5: str, *,
                 per_protein: bool = False, layers: Sequence[int] = (-1,),
                 dtype: str = "float32", token_budget: int = 4096,
-                progress: bool = True) -> dict:
+                progress: bool = True, max_length: int = 0) -> dict:
     """Embeds a FASTA file (plain or gzip) into an HDF5 file.
 
     One dataset per record, keyed by :func:`sanitize_id` of its header, with
-    attributes ``original_id`` (the whole header) and ``length`` (residues).
-    The file's own attributes record ``per_protein``, ``layers`` and
-    ``dtype``; appending with other settings is refused. Records whose key is
-    already in the file are skipped (a rerun resumes an interrupted one).
-    The whole input is validated before anything is computed: a duplicate
-    key, an empty or invalid sequence stops the run with the file and line.
+    attributes ``original_id`` (the whole header) and ``length`` (residues),
+    written in that order after the array: a record without ``length`` is
+    incomplete (an interrupted run) and is redone. The file's own attributes
+    record the model (:func:`model_identity`), ``per_protein``, ``layers``
+    and ``dtype``; appending with another model or other settings is
+    refused. Complete records whose key is already in the file are skipped (a
+    rerun resumes an interrupted one). The whole input is validated before
+    anything is written: a duplicate key, a control character in a header,
+    an empty or invalid sequence stops the run with the file and line.
 
     Args:
       embedder: from :func:`load_model` or built directly.
@@ -129,36 +185,46 @@ def embed_fasta(embedder: Embedder, input_path: str, output_h5: str, *,
       output_h5: the HDF5 file (created or appended to).
       per_protein, layers, dtype, token_budget, progress: see
         :meth:`Embedder.embed`.
+      max_length: leave out (and count) proteins longer than this many
+        residues; 0 embeds every length.
 
     Returns:
-      Counts: ``embedded``, ``skipped_existing``, ``residues`` (embedded
-      ones) and ``normalised`` (what the reader and clean-up changed).
+      Counts: ``embedded``, ``skipped_existing``, ``redone_incomplete``,
+      ``too_long`` (left out by ``max_length``), ``residues`` (embedded ones)
+      and ``normalised`` (what the reader and clean-up changed).
     """
     import h5py
 
+    if max_length < 0:
+        raise ProtlmError(f"--max_length must be >= 0, got {max_length}")
     counts: collections.Counter = collections.Counter()
     records = _read_fasta(input_path, counts)
-    settings = {"per_protein": bool(per_protein), "layers": [int(i) for i in layers],
-                "dtype": dtype}
+    too_long = [r for r in records if max_length and len(r[1]) > max_length]
+    records = [r for r in records if not (max_length and len(r[1]) > max_length)]
+    longest = max(records, key=lambda r: len(r[1]), default=None)
+    if longest is not None and len(longest[1]) > LONG_WARNING:
+        log.warning("%s: %s has %s residues: attention time grows with the square of the "
+                    "length (--max_length leaves such proteins out)", input_path,
+                    longest[0], f"{len(longest[1]):,}")
+    settings = {**model_identity(embedder), "per_protein": bool(per_protein),
+                "layers": [int(i) for i in layers], "dtype": dtype}
     try:
         h5 = h5py.File(output_h5, "a")
     except OSError as e:
         raise ProtlmError(f"{output_h5}: cannot open for writing ({e})") from None
     with h5:
         if len(h5.keys()):
-            for name, value in settings.items():
-                if name in h5.attrs:
-                    have = h5.attrs[name]
-                    have = [int(i) for i in have] if name == "layers" else (
-                        bool(have) if name == "per_protein" else str(have))
-                    if have != value:
-                        raise ProtlmError(f"{output_h5}: written with {name}={have}, "
-                                          f"asked {name}={value}; use another output file")
+            _refuse_mismatch(h5, output_h5, settings)
         for name, value in settings.items():
             h5.attrs[name] = value
+        incomplete = [k for k in h5 if "length" not in h5[k].attrs]
+        for k in incomplete:  # an interrupted write: redone below
+            del h5[k]
         todo = [r for r in records if r[0] not in h5]
         meta = {key: (header, len(seq)) for key, seq, header, _ in todo}
-        stats = {"embedded": 0, "skipped_existing": len(records) - len(todo), "residues": 0}
+        stats = {"embedded": 0, "skipped_existing": len(records) - len(todo),
+                 "redone_incomplete": len(incomplete), "too_long": len(too_long),
+                 "residues": 0}
         pending = 0
         for key, arr in embedder.embed(((k, s) for k, s, _, _ in todo),
                                        per_protein=per_protein, layers=layers, dtype=dtype,
@@ -166,7 +232,7 @@ def embed_fasta(embedder: Embedder, input_path: str, output_h5: str, *,
             header, length = meta[key]
             ds = h5.create_dataset(key, data=arr)
             ds.attrs["original_id"] = header
-            ds.attrs["length"] = length
+            ds.attrs["length"] = length  # last: the record is complete
             stats["embedded"] += 1
             stats["residues"] += length
             pending += length

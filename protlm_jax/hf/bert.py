@@ -223,6 +223,30 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config: ModelConfig, *
 
 # --------------------------------------------------------------- configs ---
 
+_LAYERS = {"bert": {"num_hidden_layers": r"encoder\.layer\.(\d+)\..*"},
+           "electra": {"num_hidden_layers": r"encoder\.layer\.(\d+)\..*"},
+           "albert": {"num_hidden_layers": None,  # layers share the groups' weights
+                      "num_hidden_groups": r"encoder\.albert_layer_groups\.(\d+)\..*",
+                      "inner_group_num":
+                          r"encoder\.albert_layer_groups\.\d+\.albert_layers\.(\d+)\..*"}}
+
+
+def check_config(hf: Mapping[str, Any], reader: Any, where: str) -> None:
+    """An untrusted ``config.json``'s values against the tensors present
+    (:func:`engine.check_config`), before anything is built."""
+    family = hf.get("model_type")
+    if family not in _ARCHITECTURES:
+        raise ProtlmError(f"{where}: model_type {family!r} is not bert, albert or electra")
+    table = key_table(family, "discriminator" if family == "electra" else "")
+    engine.check_config(hf, [table.local(n) for n in reader.keys()], engine.ConfigRules(
+        positive=("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings", "type_vocab_size", "embedding_size"),
+        integers=("pad_token_id",),
+        reals=("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob",
+               "initializer_range", "classifier_dropout_prob"),
+        layers=_LAYERS[family]), where=where)
+
+
 def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> BertConfig:
     """Our ``BertConfig`` (family from ``model_type``) from a HF ``config.json`` dict.
 
@@ -346,6 +370,8 @@ def load(directory: str, *, generator: Optional[str] = None,
                               f"{vocab_pad_to_multiple}")
         overrides["vocab_pad_to_multiple"] = vocab_pad_to_multiple
     hf = files.read_config(directory)
+    reader = files.CheckpointReader(directory)
+    check_config(hf, reader, os.path.join(directory, "config.json"))
     cfg = config_from_hf(hf, os.path.join(directory, "config.json")).replace(**overrides)
     if mesh is not None:
         model = mesh.shape["model"]
@@ -355,7 +381,6 @@ def load(directory: str, *, generator: Optional[str] = None,
                               f"--vocab_pad_to_multiple {model} (padding rows are never "
                               f"used, nor exported)")
     arch = (hf.get("architectures") or [_ARCHITECTURES[cfg.family][0]])[0]
-    reader = files.CheckpointReader(directory)
     vocabulary = _vocabulary(directory, cfg.family)
     if cfg.family != "electra":
         if generator is not None:
@@ -373,14 +398,15 @@ def load(directory: str, *, generator: Optional[str] = None,
         if arch == "ElectraForMaskedLM":
             raise ProtlmError(f"{directory}: an ElectraForMaskedLM (a generator); give the "
                               f"discriminator as the model and this as the generator")
-        gcfg = config_from_hf(files.read_config(generator),
-                              os.path.join(generator, "config.json")).replace(**overrides)
+        ghf, greader = files.read_config(generator), files.CheckpointReader(generator)
+        check_config(ghf, greader, os.path.join(generator, "config.json"))
+        gcfg = config_from_hf(ghf, os.path.join(generator, "config.json")).replace(**overrides)
         try:
             config = ElectraConfig(discriminator=cfg, generator=gcfg)
         except ValueError as e:
             raise ProtlmError(f"{generator}: {e}") from None
         sources, skipped = check_tensors(reader, config, tower="discriminator", where=directory)
-        gsources, gskipped = check_tensors(files.CheckpointReader(generator), config,
+        gsources, gskipped = check_tensors(greader, config,
                                            tower="generator", where=generator)
         for path, (greader, gname, t) in gsources.items():
             if not path.startswith("embeddings/"):

@@ -244,6 +244,75 @@ def expected_tensors(table: KeyTable, abstract_unscanned: Any, *,
 
 # --------------------------------------------------------------- checking ---
 
+# No size in an untrusted config.json goes above these (a 10^12-position table
+# or 10^9 layers would be allocated, or traced, before any tensor is compared).
+MAX_SIZE = 1 << 24
+MAX_LAYERS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigRules:
+    """What a family's ``config.json`` values must be before anything is built.
+
+    Attributes:
+      positive: integer sizes (> 0, at most :data:`MAX_SIZE`).
+      integers: other integers (or null), e.g. memory lengths, ``-1`` allowed.
+      reals: finite non-negative numbers (epsilons, dropout, init ranges).
+      layers: ``{key: regex}``: a layer count, at most :data:`MAX_LAYERS`,
+        that must equal the count of layers present in the checkpoint: 1 +
+        the largest index the regex's group 1 captures in a local tensor name
+        (when any tensor matches; None: a count not tied to tensors).
+    """
+    positive: Tuple[str, ...] = ()
+    integers: Tuple[str, ...] = ()
+    reals: Tuple[str, ...] = ()
+    layers: Mapping[str, Optional[str]] = dataclasses.field(default_factory=dict)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_config(hf: Mapping[str, Any], local_names: Sequence[str], rules: ConfigRules, *,
+                 where: str) -> None:
+    """Checks an untrusted ``config.json`` against ``rules`` and the tensors present.
+
+    Only keys the file has are checked (absent ones take the family's defaults).
+
+    Raises:
+      ProtlmError: one line naming every bad value.
+    """
+    problems = []
+    for key in rules.positive:
+        v = hf.get(key)
+        if key in hf and v is not None and not (_is_int(v) and 0 < v <= MAX_SIZE):
+            problems.append(f"{key} {v!r} (an integer from 1 to {MAX_SIZE:,} is needed)")
+    for key in rules.integers:
+        v = hf.get(key)
+        if v is not None and not (_is_int(v) and abs(v) <= MAX_SIZE):
+            problems.append(f"{key} {v!r} (an integer up to {MAX_SIZE:,} or null is needed)")
+    for key in rules.reals:
+        v = hf.get(key)
+        if key in hf and not ((_is_int(v) or isinstance(v, float)) and np.isfinite(v)
+                              and v >= 0):
+            problems.append(f"{key} {v!r} (a finite number >= 0 is needed)")
+    for key, pattern in rules.layers.items():
+        if key not in hf or hf[key] is None:
+            continue
+        v = hf[key]
+        if not (_is_int(v) and 0 < v <= MAX_LAYERS):
+            problems.append(f"{key} {v!r} (a layer count from 1 to {MAX_LAYERS} is needed)")
+            continue
+        if pattern is None:
+            continue
+        found = [int(m[1]) for m in map(re.compile(pattern).fullmatch, local_names) if m]
+        if found and max(found) + 1 != v:
+            problems.append(f"{key} {v} but the checkpoint holds {max(found) + 1} "
+                            f"(tensors {pattern})")
+    if problems:
+        raise ProtlmError(f"{where}: bad config.json values: {'; '.join(problems)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """How a family treats tensors outside its architecture's list.

@@ -43,6 +43,24 @@ def to_numpy(w: Any) -> np.ndarray:
     return np.asarray(w, dtype=np.float32)
 
 
+def weights(w: Any, name: str, where: str) -> np.ndarray:
+    """An untrusted weight tensor as float32 numpy: floating point and finite, or a
+    one-line error (an integer table cast to float, or a NaN that reaches every
+    embedding, would otherwise load silently)."""
+    dtype = getattr(w, "dtype", None)
+    floating = (dtype.is_floating_point if hasattr(dtype, "is_floating_point")
+                else np.issubdtype(np.asarray(w).dtype, np.floating))
+    if not floating:
+        raise ProtlmError(f"{where}: tensor {name} has dtype {str(dtype).replace('torch.', '')}"
+                          "; weights must be floating point")
+    a = to_numpy(w)
+    bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+    if bad:
+        raise ProtlmError(f"{where}: tensor {name} holds {bad:,} non-finite values "
+                          "(NaN or infinity)")
+    return a
+
+
 def write_json(path: str, obj: Any) -> None:
     """Pretty, key-sorted JSON with a final newline."""
     with open(path, "w", encoding="utf-8") as f:
@@ -97,9 +115,8 @@ class CheckpointReader:
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ProtlmError(f"{path}: no 'weight_map' of tensor name -> file")
-            files = {}
-            for name, shard in weight_map.items():
-                files[name] = os.path.join(hf_dir, shard)
+            files = {name: _shard_path(hf_dir, path, name, shard)
+                     for name, shard in weight_map.items()}
             missing = sorted({f for f in files.values() if not os.path.isfile(f)})
             if missing:
                 raise ProtlmError(f"{path}: shard files missing: "
@@ -166,12 +183,25 @@ class CheckpointReader:
                 tensor = self._open[path].get_tensor(name)
             else:
                 tensor = self._open[path][name]
-            return to_numpy(tensor)
-        except ProtlmError:
-            raise
         except Exception as e:
             raise ProtlmError(f"{path}: tensor {name} cannot be read "
                               f"({type(e).__name__}: {e})") from None
+        return weights(tensor, name, path)
+
+
+def _shard_path(hf_dir: str, index: str, name: Any, shard: Any) -> str:
+    """An index entry's file, which must be a plain name inside ``hf_dir``
+    (an untrusted index must not point at files elsewhere)."""
+    if not isinstance(name, str) or not isinstance(shard, str) or not shard:
+        raise ProtlmError(f"{index}: weight_map entry {name!r}: {shard!r} is not a "
+                          "tensor name -> file name pair of strings")
+    path = os.path.join(hf_dir, shard)
+    inside = os.path.realpath(hf_dir)
+    if os.path.isabs(shard) or os.path.commonpath(
+            [inside, os.path.realpath(path)]) != inside:
+        raise ProtlmError(f"{index}: weight_map entry {name!r}: {shard!r} is outside "
+                          "the model directory")
+    return path
 
 
 def read_json(path: str) -> Any:
@@ -180,6 +210,10 @@ def read_json(path: str) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ProtlmError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ProtlmError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise ProtlmError(f"{path}: JSON nested too deeply") from None
     except OSError as e:
         raise ProtlmError(f"{path}: cannot be read ({e.strerror})") from None
 

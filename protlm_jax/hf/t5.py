@@ -263,6 +263,15 @@ def _expected(config: T5Config, encoder_only: bool) -> Dict[str, engine.Tensor]:
     return engine.expected_tensors(TABLE, abstract)
 
 
+CONFIG_RULES = engine.ConfigRules(
+    positive=("vocab_size", "d_model", "d_kv", "d_ff", "num_heads",
+              "relative_attention_num_buckets", "relative_attention_max_distance"),
+    integers=("eos_token_id", "pad_token_id", "decoder_start_token_id"),
+    reals=("dropout_rate", "layer_norm_epsilon", "initializer_factor"),
+    layers={"num_layers": r"encoder\.block\.(\d+)\..*",
+            "num_decoder_layers": r"decoder\.block\.(\d+)\..*"})
+
+
 def _policy(encoder_only: bool, tied: bool) -> engine.Policy:
     not_needed = ((lambda n: n.startswith("decoder.") or n == "lm_head.weight")
                   if encoder_only else (lambda n: False))
@@ -319,8 +328,9 @@ def load(hf_dir: str, *, mesh: Optional[jax.sharding.Mesh] = None,
     if overrides.pop("vocab_pad_to_multiple", None) not in (None, 1):
         raise ProtlmError("--vocab_pad_to_multiple: only for the BERT family (T5 "
                           "vocabularies are stored as they are)")
-    config = config_from_hf(hf, os.path.join(hf_dir, "config.json"))
     reader = files.CheckpointReader(hf_dir)
+    engine.check_config(hf, reader.keys(), CONFIG_RULES, where=os.path.join(hf_dir, "config.json"))
+    config = config_from_hf(hf, os.path.join(hf_dir, "config.json"))
     config, encoder_only, sources, skipped = _read(reader, config, encoder_only, hf_dir)
     config = config.replace(**overrides)
     params = engine.assemble(sources, t5.abstract_params(config, encoder_only=encoder_only),

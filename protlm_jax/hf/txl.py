@@ -65,6 +65,11 @@ TABLE = engine.KeyTable(
 _POLICY = dict(label="transfo-xl",
                tied=((r"crit\.out_layers\.0\.weight", "word_emb.emb_layers.0.weight"),),
                body=("word_emb", "r_w_bias", "r_r_bias", "layers.", "crit."))
+CONFIG_RULES = engine.ConfigRules(
+    positive=("vocab_size", "d_model", "n_head", "d_head", "d_inner", "d_embed"),
+    integers=("mem_len", "clamp_len", "eval_mem_len", "segment_len", "tgt_len", "pad_token_id"),
+    reals=("dropout", "dropatt", "layer_norm_epsilon", "init_std"),
+    layers={"n_layer": r"layers\.(\d+)\..*"})
 ARCHITECTURES = ("TransfoXLLMHeadModel", "TransfoXLModel")
 
 
@@ -190,12 +195,14 @@ def load(directory: str, *, mesh: Optional[jax.sharding.Mesh] = None,
         raise ProtlmError(f"{directory}: --vocab_pad_to_multiple applies to the BERT family; "
                           "ProtTXL's 32-row vocabulary splits 2, 4 or 8 ways as it is")
     hf = files.read_config(directory)
+    reader = files.CheckpointReader(directory)
+    engine.check_config(hf, [TABLE.local(n) for n in reader.keys()], CONFIG_RULES,
+                        where=os.path.join(directory, "config.json"))
     try:
         cfg = config_from_hf(hf, os.path.join(directory, "config.json")).replace(**overrides)
     except (TypeError, ValueError) as e:
         raise ProtlmError(f"{directory}: {e}") from None
     arch = (hf.get("architectures") or [ARCHITECTURES[0]])[0]
-    reader = files.CheckpointReader(directory)
     vocabulary = tokenizers.checkpoint_tokens(directory) or VocabTxtVocabulary(
         vocabulary_tokens())
     sources, skipped = check_tensors(reader, cfg, where=directory)

@@ -63,6 +63,11 @@ TABLE = engine.KeyTable(
 
 _POLICY = dict(label="XLNet", tied=((r"lm_loss\.weight", "word_embedding.weight"),),
                body=("word_embedding", "mask_emb", "layer."))
+CONFIG_RULES = engine.ConfigRules(
+    positive=("vocab_size", "d_model", "n_head", "d_head", "d_inner", "d_embed"),
+    integers=("mem_len", "reuse_len", "clamp_len", "pad_token_id"),
+    reals=("layer_norm_eps", "dropout", "initializer_range"),
+    layers={"n_layer": r"layer\.(\d+)\..*"})
 ARCHITECTURES = ("XLNetLMHeadModel", "XLNetModel")
 # The ProtTrans notebooks map the rare residues (and X) to <unk> for ProtXLNet.
 RARE_RESIDUES = ("[UZOBX]", "<unk>")
@@ -205,12 +210,14 @@ def load(directory: str, *, mesh: Optional[jax.sharding.Mesh] = None,
         raise ProtlmError(f"{directory}: --vocab_pad_to_multiple applies to the BERT family; "
                           "XLNet's 32-row vocabulary splits 2, 4 or 8 ways as it is")
     hf = files.read_config(directory)
+    reader = files.CheckpointReader(directory)
+    engine.check_config(hf, [TABLE.local(n) for n in reader.keys()], CONFIG_RULES,
+                        where=os.path.join(directory, "config.json"))
     try:
         cfg = config_from_hf(hf, os.path.join(directory, "config.json")).replace(**overrides)
     except (TypeError, ValueError) as e:
         raise ProtlmError(f"{directory}: {e}") from None
     arch = (hf.get("architectures") or [ARCHITECTURES[0]])[0]
-    reader = files.CheckpointReader(directory)
     vocabulary = tokenizers.checkpoint_tokens(directory) or VocabTxtVocabulary(
         vocabulary_tokens())
     sources, skipped = check_tensors(reader, cfg, where=directory)

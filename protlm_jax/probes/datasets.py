@@ -519,6 +519,14 @@ def load_task(spec: str, data_dir: Optional[str] = None, *, train_limit: Optiona
     task.train = subset_limit(task.train, train_limit, seed, max_train_length)
     task.valid = subset_limit(task.valid, max(1, train_limit // 5) if train_limit else None,
                         seed, max_train_length)
+    if max_test_length:
+        left_out = {k: sum(len(x) > max_test_length for x in v.sequences)
+                    for k, v in task.tests.items()}
+        if any(left_out.values()):
+            task.notes = (task.notes + "; " if task.notes else "") + (
+                f"left out test proteins longer than {max_test_length:,} residues "
+                f"(--max_test_length): " + ", ".join(f"{k} {n:,} of {len(task.tests[k]):,}"
+                                                      for k, n in left_out.items()))
     task.tests = {k: subset_limit(v, test_limit, seed, max_test_length)
                   for k, v in task.tests.items()}
     return task
