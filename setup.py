@@ -30,7 +30,8 @@ setup(
     package_data={"protlm_jax": ["py.typed"]},
     install_requires=[
         "absl-py>=2.1",
-        "apache-beam>=2.60",
+        # Beam and its Dask runner (`protlm prepare --runner DaskRunner` on a cluster).
+        "apache-beam[dask]>=2.60",
         "clu>=0.0.12",
         "flax>=0.10",
         "gin-config>=0.5",

@@ -185,22 +185,6 @@ def merge_stats(parts: Iterable[dict]) -> dict:
     return out
 
 
-class MergeStats(beam.CombineFn):
-    """Beam combiner around :func:`merge_stats`."""
-
-    def create_accumulator(self):
-        return {}
-
-    def add_input(self, acc, item):
-        return merge_stats([acc, item])
-
-    def merge_accumulators(self, accs):
-        return merge_stats(accs)
-
-    def extract_output(self, acc):
-        return acc
-
-
 def histogram_bin(length: int) -> int:
     for i, edge in enumerate(HISTOGRAM_EDGES):
         if length <= edge:
@@ -214,6 +198,21 @@ def histogram_bin(length: int) -> int:
 
 # A record inside the pipeline: (digest, file index, record index, id, sequence).
 Rec = tuple[bytes, int, int, str, str]
+
+# Stages emit (kind, value) pairs on one output, split with filters: Beam's Dask
+# runner neither separates tagged outputs nor runs more than the pipeline's
+# last transform, so the pipeline is one graph ending in one summary write.
+RECORD, STATS, ERROR = "record", "stats", "error"
+
+
+def _records(pcoll, label: str):
+    return (pcoll
+            | f"Records{label}" >> beam.Filter(lambda kv: kv[0] == RECORD)
+            | f"Unwrap{label}" >> beam.Map(lambda kv: kv[1]))
+
+
+def _not_records(pcoll, label: str):
+    return pcoll | f"Events{label}" >> beam.Filter(lambda kv: kv[0] != RECORD)
 
 
 class ReadAndFilter(beam.DoFn):
@@ -249,7 +248,7 @@ class ReadAndFilter(beam.DoFn):
                        mininterval=1.0, leave=False)
         try:
             for index, record in enumerate(fasta.read_records(
-                    path, counts=counts, progress=bar.update if bar else None)):
+                    path, counts=counts, progress=bar.update if bar is not None else None)):
                 stats["records_read"] += 1
                 reason = self._reason(record)
                 digest = None
@@ -260,15 +259,15 @@ class ReadAndFilter(beam.DoFn):
                 if reason is not None:
                     stats[f"dropped:{reason}"] += 1
                     continue
-                yield (digest, file_index, index, record.id, record.sequence)
+                yield RECORD, (digest, file_index, index, record.id, record.sequence)
         except InputError as e:
-            yield beam.pvalue.TaggedOutput("errors", (file_index, e.line, e.path, e.reason))
+            yield ERROR, (file_index, e.line, e.path, e.reason)
         finally:
             if bar is not None:
                 bar.close()
         stats[f"file:{file_index}"] = stats["records_read"]
         stats.update({f"normalised:{k}": v for k, v in counts.items()})
-        yield beam.pvalue.TaggedOutput("stats", dict(stats))
+        yield STATS, dict(stats)
 
 
 class KeepFirst(beam.DoFn):
@@ -280,19 +279,17 @@ class KeepFirst(beam.DoFn):
     def process(self, element: tuple[Any, Iterable[Rec]]) -> Iterator[Any]:
         _, group = element
         records = sorted(group, key=lambda r: (r[1], r[2]))
-        yield records[0]
+        yield RECORD, records[0]
         if len(records) > 1:
-            yield beam.pvalue.TaggedOutput(
-                "stats", {f"dropped:{self._reason}": len(records) - 1})
+            yield STATS, {f"dropped:{self._reason}": len(records) - 1}
 
 
 def _dedup(records, key_index: int, reason: str, label: str):
     out = (records
            | f"KeyBy{label}" >> beam.Map(lambda r: (r[key_index], r))
            | f"Group{label}" >> beam.GroupByKey()
-           | f"KeepFirst{label}" >> beam.ParDo(KeepFirst(reason)).with_outputs(
-               "stats", main="records"))
-    return out.records, out.stats
+           | f"KeepFirst{label}" >> beam.ParDo(KeepFirst(reason)))
+    return _records(out, label), _not_records(out, label)
 
 
 def assign_shard(record: Rec, config: PrepareConfig) -> tuple[tuple[str, int], Rec]:
@@ -358,20 +355,25 @@ class WriteShard(beam.DoFn):
         if lengths:
             out["min:length"] = min(lengths)
             out["max:length"] = max(lengths)
-        yield out
+        yield STATS, out
 
 
-class WriteJson(beam.DoFn):
-    """Writes one value as JSON to a fixed path (for the driver to read)."""
+class WriteSummary(beam.DoFn):
+    """Merges every stats part and error into ``stats.partial.json`` and
+    ``errors.json`` in the staging folder (for the driver to read)."""
 
-    def __init__(self, path: str):
-        self._path = path
+    def __init__(self, staging: str):
+        self._staging = staging
 
-    def process(self, value):
+    def process(self, element):
         import tensorflow as tf
 
-        with tf.io.gfile.GFile(self._path, "w") as f:
-            json.dump(value, f)
+        events = list(element[1])
+        stats = merge_stats([v for kind, v in events if kind == STATS])
+        errors = sorted(list(v) for kind, v in events if kind == ERROR)
+        for name, value in (("stats.partial.json", stats), ("errors.json", errors)):
+            with tf.io.gfile.GFile(os.path.join(self._staging, name), "w") as f:
+                json.dump(value, f)
 
 
 def build_pipeline(p: beam.Pipeline, config: PrepareConfig, files: Sequence[str],
@@ -380,31 +382,28 @@ def build_pipeline(p: beam.Pipeline, config: PrepareConfig, files: Sequence[str]
     read = (p
             | "Files" >> beam.Create(list(enumerate(files)))
             | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(ReadAndFilter(config, exclusions)).with_outputs(
-                "stats", "errors", main="records"))
-    records = read.records
-    stat_parts = [read.stats]
+            | "Read" >> beam.ParDo(ReadAndFilter(config, exclusions)))
+    records = _records(read, "Read")
+    events = [_not_records(read, "Read")]
     if config.dedup:
         records, dropped = _dedup(records, 3, "duplicate_id", "Id")
-        stat_parts.append(dropped)
+        events.append(dropped)
         records, dropped = _dedup(records, 0, "duplicate_sequence", "Sequence")
-        stat_parts.append(dropped)
+        events.append(dropped)
     all_shards = [(("train", i), None) for i in range(config.num_shards)]
     all_shards += [(("validation", i), None)
                    for i in range(config.num_validation_shards)]
     keyed = records | "Assign" >> beam.Map(assign_shard, config)
-    written = ((keyed, p | "AllShards" >> beam.Create(all_shards))
-               | "WithEmptyShards" >> beam.Flatten()
-               | "GroupShards" >> beam.GroupByKey()
-               | "Write" >> beam.ParDo(WriteShard(config, staging)))
-    stat_parts.append(written)
-    (stat_parts
-     | "AllStats" >> beam.Flatten()
-     | "MergeStats" >> beam.CombineGlobally(MergeStats())
-     | "WriteStats" >> beam.ParDo(WriteJson(os.path.join(staging, "stats.partial.json"))))
-    (read.errors
-     | "CollectErrors" >> beam.combiners.ToList()
-     | "WriteErrors" >> beam.ParDo(WriteJson(os.path.join(staging, "errors.json"))))
+    events.append((keyed, p | "AllShards" >> beam.Create(all_shards))
+                  | "WithEmptyShards" >> beam.Flatten()
+                  | "GroupShards" >> beam.GroupByKey()
+                  | "Write" >> beam.ParDo(WriteShard(config, staging)))
+    # Every shard's stats come through here, so the summary waits for them all.
+    (events
+     | "AllEvents" >> beam.Flatten()
+     | "KeyEvents" >> beam.Map(lambda kv: (0, kv))
+     | "GatherEvents" >> beam.GroupByKey()
+     | "WriteSummary" >> beam.ParDo(WriteSummary(staging)))
 
 
 def _final_stats(raw: dict, config: PrepareConfig, files: Sequence[str],
@@ -452,6 +451,26 @@ def _gfile():
     return tf.io.gfile
 
 
+# Runners Beam ships outside its short-name registry, by the name users give.
+_RUNNERS = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+
+
+def _beam_args(beam_args: Sequence[str]) -> list:
+    """``--runner DaskRunner`` (or ``=DaskRunner``) as Beam's qualified name."""
+    out = list(beam_args)
+    for i, arg in enumerate(out):
+        if arg.startswith("--runner="):
+            name = arg.split("=", 1)[1]
+            out[i] = "--runner=" + _RUNNERS.get(name, name)
+        elif arg == "--runner" and i + 1 < len(out):
+            out[i + 1] = _RUNNERS.get(out[i + 1], out[i + 1])
+    return out
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
 def run(config: PrepareConfig, beam_args: Sequence[str] = ()) -> dict:
     """Runs the pipeline and returns the statistics written to stats.json.
 
@@ -473,13 +492,22 @@ def run(config: PrepareConfig, beam_args: Sequence[str] = ()) -> dict:
     exclusions = load_exclusions(config.exclude) if config.exclude else frozenset()
 
     gfile = _gfile()
+    if gfile.exists(config.output) and not gfile.isdir(config.output):
+        raise ProtlmError(f"{config.output}: exists and is not a folder (--output names "
+                          "the folder the shards go into)")
     gfile.makedirs(config.output)
     staging = os.path.join(config.output, f".prepare-staging-{uuid.uuid4().hex}")
     gfile.makedirs(staging)
     try:
-        options = PipelineOptions(list(beam_args))
-        with beam.Pipeline(options=options) as p:
-            build_pipeline(p, config, files, exclusions, staging)
+        options = PipelineOptions(_beam_args(beam_args))
+        try:
+            pipeline = beam.Pipeline(options=options)
+        except ValueError as e:  # an unknown runner
+            raise ProtlmError(f"beam: {' '.join(str(e).split())}") from None
+        with pipeline as p:
+            # Workers (Dask, Dataflow) need paths that do not depend on their cwd.
+            build_pipeline(p, config, [_absolute(f) for f in files], exclusions,
+                           _absolute(staging))
         with gfile.GFile(os.path.join(staging, "errors.json")) as f:
             errors = sorted(tuple(e) for e in json.load(f))
         if errors:
@@ -489,6 +517,13 @@ def run(config: PrepareConfig, beam_args: Sequence[str] = ()) -> dict:
             raise InputError(path, line, reason)
         with gfile.GFile(os.path.join(staging, "stats.partial.json")) as f:
             stats = _final_stats(json.load(f), config, files, len(exclusions))
+        if not stats["records_read"]:
+            raise InputError(files[0], 0, "no FASTA records"
+                             + (f" (nor in the other {len(files) - 1} files)"
+                                if len(files) > 1 else ""))
+        if not stats["records_written"]:
+            raise ProtlmError(f"every one of the {stats['records_read']:,} records was "
+                              f"dropped ({json.dumps(stats['dropped'])}): nothing to write")
         total = stats["records_written"] + sum(stats["dropped"].values())
         if total != stats["records_read"]:
             raise ProtlmError(f"internal error: records_read {stats['records_read']} != "
