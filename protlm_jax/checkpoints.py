@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
@@ -168,20 +169,51 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, metadata: dict) -> None:
-        """Starts saving ``state`` (asynchronously when enabled)."""
+        """Starts saving ``state`` (asynchronously when enabled).
+
+        A failed save (a full disk, say) raises here or, asynchronous, at the
+        next :meth:`check`, save, wait or close; its partial files are removed.
+        """
         self._settle()
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)))
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)))
+        except BaseException:
+            self._remove_partial()
+            raise
         self._undigested.append(step)
         if not self._async:
             self._settle()
+
+    def check(self) -> None:
+        """Raises the error of a failed asynchronous save now (the trainer calls
+        this at every log line), after removing its partial files."""
+        try:
+            self._manager.check_for_errors()
+        except BaseException:
+            self._remove_partial()
+            raise
+
+    def _remove_partial(self) -> None:
+        """Removes orbax's temporary folders of unfinished saves (chief only)."""
+        if jax.process_index() != 0 or not _local(self.directory) \
+                or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def _settle(self) -> None:
         """Waits for pending saves, then writes their digests (chief only) and
         drops the digests of steps orbax has since deleted (keep-N)."""
         if not self._undigested:
             return
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except BaseException:
+            self._undigested = []
+            self._remove_partial()
+            raise
         if jax.process_index() == 0 and _local(self.directory):
             kept = set(self._manager.all_steps())
             for step in self._undigested:

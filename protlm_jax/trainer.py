@@ -550,6 +550,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 self._stop_if_nonfinite([m["nonfinite"] for m in sums], done, checkpointer,
                                         last_good)
+                checkpointer.check()  # a failed asynchronous save stops the run here
                 total = jax.tree.map(lambda *x: np.sum(x), *sums)
                 scalars = self._finalize(total)
                 scalars["learning_rate"] = float(sums[-1]["learning_rate"])

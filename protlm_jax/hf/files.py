@@ -288,10 +288,21 @@ def write_safetensors(tensors: Iterator[Tuple[str, np.ndarray]], output: str, *,
     ``max_shard_size`` bytes (a bigger tensor gets a shard of its own), as
     transformers does. Returns the files written.
     """
-    import torch
     from safetensors.torch import save_file
 
     torch_dtype = _torch_dtype(dtype)
+    try:
+        return _write_shards(tensors, output, torch_dtype, dtype, max_shard_size, save_file)
+    except BaseException:  # a full disk, say: no partial shard is left behind
+        for name in os.listdir(output):
+            if re.fullmatch(r"\.shard-\d{5}\.tmp", name):
+                os.remove(os.path.join(output, name))
+        raise
+
+
+def _write_shards(tensors, output, torch_dtype, dtype, max_shard_size, save_file) -> List[str]:
+    import torch
+
     shards: List[Dict[str, Any]] = []
     current: Dict[str, Any] = {}
     current_size = total_size = 0
