@@ -57,6 +57,12 @@ def _raised_in(error: BaseException) -> set:
     return modules
 
 
+def _h5_reason(text: str) -> str:
+    """HDF5's long write-failure text cut to its cause (``No space left on device``)."""
+    m = re.search(r"error message = '([^']+)'", text)
+    return f"{text.split(' (', 1)[0]}: {m[1]}" if m else text
+
+
 def from_environment(error: BaseException) -> Optional[str]:
     """The one-line message for an error from the environment, or None (a bug).
 
@@ -66,10 +72,10 @@ def from_environment(error: BaseException) -> Optional[str]:
     """
     if isinstance(error, OSError):
         where = error.filename or ""
-        reason = error.strerror or one_line(error)
+        reason = error.strerror or _h5_reason(one_line(error))
         if error.filename2:
             where = f"{where} -> {error.filename2}"
-        return f"{where}: {reason}" if where else reason
+        return one_line(f"{where}: {reason}" if where else reason)
     if isinstance(error, MemoryError):
         return "out of memory (a smaller batch, token budget or model)"
     libraries = [m for m in _ENVIRONMENT_MODULES if m in _raised_in(error)]

@@ -106,6 +106,10 @@ def shard_files(config: DataConfig) -> List[str]:
         if not shards:
             raise ProtlmError(f"task {t.name}: no {config.split} shard files (`protlm "
                               "prepare` writes them; check the data dir)")
+        gone = [f for f in shards if not tf.io.gfile.exists(f)]
+        if gone:
+            raise ProtlmError(f"{gone[0]}: shard file is gone (listed earlier; "
+                              f"{len(gone)} of {len(shards)} missing)")
         empty = [f for f in shards if tf.io.gfile.stat(f).length == 0]
         if len(empty) == len(shards):
             raise ProtlmError(f"task {t.name}: all {len(shards)} {config.split} shard files "

@@ -27,9 +27,10 @@ import json
 import logging
 import os
 import re
+import time
 from typing import Optional, Sequence
 
-from protlm_jax import checkpoints, partitioning
+from protlm_jax import checkpoints, errors, partitioning
 from protlm_jax.data import fasta
 from protlm_jax.data.residues import RARE_RESIDUES
 from protlm_jax.data.vocabularies import VocabTxtVocabulary
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Longer proteins are embedded, with a warning: attention is quadratic in length.
 LONG_WARNING = 40_000
+# Written records are flushed to the file at least this often.
+FLUSH_SECONDS = 2.0
 
 
 def read_model(path: str, step: Optional[int] = None, *, encoder_only: bool = True,
@@ -209,35 +212,55 @@ def embed_fasta(embedder: Embedder, input_path: str, output_h5: str, *,
     settings = {**model_identity(embedder), "per_protein": bool(per_protein),
                 "layers": [int(i) for i in layers], "dtype": dtype}
     try:
+        if not os.path.exists(output_h5):
+            # Created whole, then renamed: a kill at any moment leaves no
+            # half-created file that HDF5 cannot open.
+            tmp = f"{output_h5}.creating-{os.getpid()}"
+            with h5py.File(tmp, "w") as h5:
+                for name, value in settings.items():
+                    h5.attrs[name] = value
+            os.replace(tmp, output_h5)
         h5 = h5py.File(output_h5, "a")
     except OSError as e:
-        raise ProtlmError(f"{output_h5}: cannot open for writing ({e})") from None
-    with h5:
-        if len(h5.keys()):
-            _refuse_mismatch(h5, output_h5, settings)
-        for name, value in settings.items():
-            h5.attrs[name] = value
-        incomplete = [k for k in h5 if "length" not in h5[k].attrs]
-        for k in incomplete:  # an interrupted write: redone below
-            del h5[k]
-        todo = [r for r in records if r[0] not in h5]
-        meta = {key: (header, len(seq)) for key, seq, header, _ in todo}
-        stats = {"embedded": 0, "skipped_existing": len(records) - len(todo),
-                 "redone_incomplete": len(incomplete), "too_long": len(too_long),
-                 "residues": 0}
-        pending = 0
-        for key, arr in embedder.embed(((k, s) for k, s, _, _ in todo),
-                                       per_protein=per_protein, layers=layers, dtype=dtype,
-                                       token_budget=token_budget, progress=progress):
-            header, length = meta[key]
-            ds = h5.create_dataset(key, data=arr)
-            ds.attrs["original_id"] = header
-            ds.attrs["length"] = length  # last: the record is complete
-            stats["embedded"] += 1
-            stats["residues"] += length
-            pending += length
-            if pending >= 1_000_000:  # bound what an interruption can lose
-                h5.flush()
-                pending = 0
+        raise ProtlmError(f"{output_h5}: cannot open for writing ("
+                          f"{errors.from_environment(e)})") from None
+    try:
+        with h5:
+            return _write_records(h5, embedder, records, too_long, counts, settings,
+                                  output_h5, per_protein=per_protein, layers=layers,
+                                  dtype=dtype, token_budget=token_budget, progress=progress)
+    except OSError as e:  # a full disk: what is complete stays, a rerun goes on
+        raise ProtlmError(f"{output_h5}: write failed ({errors.from_environment(e)}); "
+                          "a rerun keeps the complete records and redoes the rest") from None
+
+
+def _write_records(h5, embedder, records, too_long, counts, settings, output_h5, *,
+                   per_protein, layers, dtype, token_budget, progress) -> dict:
+    """Checks the file, deletes incomplete records and writes the missing ones."""
+    _refuse_mismatch(h5, output_h5, settings)
+    for name, value in settings.items():
+        h5.attrs[name] = value
+    incomplete = [k for k in h5 if "length" not in h5[k].attrs]
+    for k in incomplete:  # an interrupted write: redone below
+        del h5[k]
+    todo = [r for r in records if r[0] not in h5]
+    meta = {key: (header, len(seq)) for key, seq, header, _ in todo}
+    stats = {"embedded": 0, "skipped_existing": len(records) - len(todo),
+             "redone_incomplete": len(incomplete), "too_long": len(too_long),
+             "residues": 0}
+    pending, flushed = 0, time.monotonic()
+    for key, arr in embedder.embed(((k, s) for k, s, _, _ in todo),
+                                   per_protein=per_protein, layers=layers, dtype=dtype,
+                                   token_budget=token_budget, progress=progress):
+        header, length = meta[key]
+        ds = h5.create_dataset(key, data=arr)
+        ds.attrs["original_id"] = header
+        ds.attrs["length"] = length  # last: the record is complete
+        stats["embedded"] += 1
+        stats["residues"] += length
+        pending += length
+        if pending >= 1_000_000 or time.monotonic() - flushed > FLUSH_SECONDS:
+            h5.flush()  # bound what an interruption can lose
+            pending, flushed = 0, time.monotonic()
     stats["normalised"] = dict(counts)
     return stats
