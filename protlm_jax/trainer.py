@@ -248,7 +248,7 @@ class Trainer:
 
     def __init__(self, *, model, objective, optimizer_config, config: TrainConfig,
                  model_feature_lengths: Mapping[str, int], init_inputs: tuple[str, ...],
-                 extra_metadata: Optional[dict] = None, log=sys.stdout,
+                 extra_metadata: Optional[dict] = None, log=None,
                  devices: Optional[list] = None, hooks: Sequence[Callable] = (),
                  flops_fn: Optional[Callable[["Trainer"], float]] = None):
         # CPU hosts: reuse freed heap blocks instead of page-faulting fresh
@@ -478,7 +478,7 @@ class Trainer:
 
     def _print(self, text: str) -> None:
         if self.is_chief:
-            print(text, file=self.log, flush=True)
+            print(text, file=self.log if self.log is not None else sys.stdout, flush=True)
 
     def train(self, make_batches: Callable[[int], Iterator[Mapping[str, np.ndarray]]],
               make_eval_batches: Optional[Callable[[], Iterator]] = None,

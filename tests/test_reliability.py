@@ -607,3 +607,28 @@ def test_gin_parse_refuses_before_binding(tmp_path):
     evil.write_text("import os\n")
     with pytest.raises(ProtlmError, match=r"e\.gin:1: gin: import of 'os' is refused"):
         gin_config.parse([str(evil)], [])
+
+
+def test_7_export_and_import_on_a_full_disk_leave_no_partial_files(tmp_path, capsys,
+                                                                     model_dir, hf_dir):
+    """The kernel's file-size limit (EFBIG) as a full disk: one line, exit 2, and
+    no temporary shard or orbax folder left behind."""
+    import resource
+
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, old_limit[1]))
+        export = run_cli(capsys, "export-hf", "--model", model_dir, "--output",
+                         tmp_path / "hf")
+        imported = run_cli(capsys, "import-hf", "--input", hf_dir, "--output",
+                           tmp_path / "imported")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    one_line_error(*export)
+    one_line_error(*imported)
+    assert not [n for n in os.listdir(tmp_path / "hf") if n.endswith(".tmp")]
+    left = [n for _, ds, fs in os.walk(tmp_path / "imported") for n in ds + fs
+            if "tmp" in n]
+    assert not left, left
