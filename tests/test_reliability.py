@@ -300,6 +300,15 @@ def test_2_3_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path, capsy
     one_line_error(rc, err, "damaged checkpoint")
 
 
+def test_3_probe_falls_back_from_a_damaged_step(tmp_path, capsys, model_dir):
+    damaged = _damage(model_dir, "flipped_byte")
+    rc, err = run_cli(capsys, "probe", "--task", "scl2205", "--model", damaged, "--output",
+                      tmp_path / "probe", "--train_limit", 40, "--test_limit", 10,
+                      "--epochs", 1, "--head", "fnn", "--quiet")
+    assert rc == 0 and "damaged checkpoint skipped" in err, err
+    assert json.load(open(tmp_path / "probe" / "result.json"))
+
+
 # ------------------------------------------------- 5, 6, 8, 11, 12: training ---
 
 @pytest.fixture(scope="module")
