@@ -18,7 +18,6 @@ file at all) are read as before, a step orbax cannot read counting as damaged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-from protlm_jax import models, partitioning
+from protlm_jax import errors, models, partitioning
+from protlm_jax.data.fetch import sha256_file
 from protlm_jax.errors import ProtlmError
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,8 @@ DIGEST_SUFFIX = ".sha256.json"
 DAMAGED_SUFFIX = ".damaged"
 
 
-def _short(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {errors.one_line(e, 200)}"
 
 
 def _local(directory: str) -> bool:
@@ -51,11 +50,7 @@ def _file_digests(step_dir: str) -> dict:
     for root, _, names in os.walk(step_dir):
         for name in names:
             path = os.path.join(root, name)
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[os.path.relpath(path, step_dir)] = [os.path.getsize(path), h.hexdigest()]
+            out[os.path.relpath(path, step_dir)] = [os.path.getsize(path), sha256_file(path)]
     return dict(sorted(out.items()))
 
 

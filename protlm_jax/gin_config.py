@@ -34,11 +34,10 @@ import gin
 import jax
 
 import protlm_tasks  # noqa: F401  (registers the seqio tasks the runs read)
-from protlm_jax import checkpoints, models, optimizers, plan, trainer
+from protlm_jax import checkpoints, errors, models, optimizers, plan, trainer
 from protlm_jax.data import pipeline as data_pipeline
 from protlm_jax.data import sample
 from protlm_jax.data import sources as data_sources
-from protlm_jax import errors
 from protlm_jax.errors import ProtlmError
 from protlm_jax.finetune import train as finetune_train
 from protlm_jax.probes import hook as probe_hook

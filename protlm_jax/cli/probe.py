@@ -113,16 +113,19 @@ def run(args: argparse.Namespace) -> int:
                               test_limit=args.test_limit,
                               max_train_length=args.max_train_length,
                               max_test_length=args.max_test_length, seed=args.seed)
-    if args.max_test_length and "--max_test_length" in task.notes:
-        print(f"protlm probe: {task.notes.split('; ')[-1]}", file=sys.stderr)
+    if any(task.left_out.values()):
+        print(f"protlm probe: left out test proteins longer than --max_test_length "
+              f"{args.max_test_length:,}: " + ", ".join(
+                  f"{k} {n:,}" for k, n in task.left_out.items()), file=sys.stderr)
     head = args.head or evaluate.default_head(task)
     if args.baseline == "composition" and head != "fnn":
         raise ProtlmError(f"--baseline composition is per protein: use --head fnn, "
                           f"not {head}")
     rows = []
     if args.model:
+        name = os.path.basename(os.path.normpath(args.model))
         rows.append(features.ModelFeatures(embed.load_model(args.model, args.step),
-                                           name=f"model ({os.path.basename(os.path.normpath(args.model))})"))
+                                           name=f"model ({name})"))
     elif args.embeddings:
         rows.append(features.H5Features(args.embeddings,
                                         name=f"embeddings ({os.path.basename(args.embeddings)})"))

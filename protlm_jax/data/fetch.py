@@ -566,17 +566,9 @@ def _read_stamp(dataset: Dataset, data_dir: Path) -> dict | None:
         # in place, even to the same size, is fetched again.
         rec = recorded.get(m.dest)
         if (rec is None or rec.get("bytes") != path.stat().st_size
-                or rec.get("sha256") != _sha256_file(path)):
+                or rec.get("sha256") != sha256_file(path)):
             return None
     return stamp
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_stamp(dataset: Dataset, data_dir: Path, members: list[dict]) -> dict:

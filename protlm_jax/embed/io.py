@@ -202,8 +202,8 @@ def embed_fasta(embedder: Embedder, input_path: str, output_h5: str, *,
         raise ProtlmError(f"--max_length must be >= 0, got {max_length}")
     counts: collections.Counter = collections.Counter()
     records = _read_fasta(input_path, counts)
-    too_long = [r for r in records if max_length and len(r[1]) > max_length]
-    records = [r for r in records if not (max_length and len(r[1]) > max_length)]
+    kept = [r for r in records if not max_length or len(r[1]) <= max_length]
+    too_long, records = len(records) - len(kept), kept
     longest = max(records, key=lambda r: len(r[1]), default=None)
     if longest is not None and len(longest[1]) > LONG_WARNING:
         log.warning("%s: %s has %s residues: attention time grows with the square of the "
@@ -246,7 +246,7 @@ def _write_records(h5, embedder, records, too_long, counts, settings, output_h5,
     todo = [r for r in records if r[0] not in h5]
     meta = {key: (header, len(seq)) for key, seq, header, _ in todo}
     stats = {"embedded": 0, "skipped_existing": len(records) - len(todo),
-             "redone_incomplete": len(incomplete), "too_long": len(too_long),
+             "redone_incomplete": len(incomplete), "too_long": too_long,
              "residues": 0}
     pending, flushed = 0, time.monotonic()
     for key, arr in embedder.embed(((k, s) for k, s, _, _ in todo),

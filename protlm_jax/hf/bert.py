@@ -223,28 +223,29 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config: ModelConfig, *
 
 # --------------------------------------------------------------- configs ---
 
-_LAYERS = {"bert": {"num_hidden_layers": r"encoder\.layer\.(\d+)\..*"},
-           "electra": {"num_hidden_layers": r"encoder\.layer\.(\d+)\..*"},
-           "albert": {"num_hidden_layers": None,  # layers share the groups' weights
-                      "num_hidden_groups": r"encoder\.albert_layer_groups\.(\d+)\..*",
-                      "inner_group_num":
-                          r"encoder\.albert_layer_groups\.\d+\.albert_layers\.(\d+)\..*"}}
+_BERT_LAYERS = {"num_hidden_layers": r"encoder\.layer\.(\d+)\..*"}
+CONFIG_RULES = {family: engine.ConfigRules(
+    positive=("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
+              "max_position_embeddings", "type_vocab_size", "embedding_size"),
+    integers=("pad_token_id",),
+    reals=("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob",
+           "initializer_range", "classifier_dropout_prob"),
+    layers=layers) for family, layers in (
+        ("bert", _BERT_LAYERS), ("electra", _BERT_LAYERS),
+        ("albert", {"num_hidden_layers": None,  # layers share the groups' weights
+                    "num_hidden_groups": r"encoder\.albert_layer_groups\.(\d+)\..*",
+                    "inner_group_num":
+                        r"encoder\.albert_layer_groups\.\d+\.albert_layers\.(\d+)\..*"}))}
 
 
 def check_config(hf: Mapping[str, Any], reader: Any, where: str) -> None:
     """An untrusted ``config.json``'s values against the tensors present
-    (:func:`engine.check_config`), before anything is built."""
+    (:func:`engine.check_config`), before anything is built; an unknown
+    ``model_type`` is left to :func:`config_from_hf` to name."""
     family = hf.get("model_type")
-    if family not in _ARCHITECTURES:
-        raise ProtlmError(f"{where}: model_type {family!r} is not bert, albert or electra")
-    table = key_table(family, "discriminator" if family == "electra" else "")
-    engine.check_config(hf, [table.local(n) for n in reader.keys()], engine.ConfigRules(
-        positive=("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
-                  "max_position_embeddings", "type_vocab_size", "embedding_size"),
-        integers=("pad_token_id",),
-        reals=("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob",
-               "initializer_range", "classifier_dropout_prob"),
-        layers=_LAYERS[family]), where=where)
+    if family in CONFIG_RULES:
+        table = key_table(family, "discriminator" if family == "electra" else "")
+        engine.check_config(hf, reader, table, CONFIG_RULES[family], where=where)
 
 
 def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> BertConfig:

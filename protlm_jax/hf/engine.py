@@ -273,19 +273,21 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_config(hf: Mapping[str, Any], local_names: Sequence[str], rules: ConfigRules, *,
+def check_config(hf: Mapping[str, Any], reader: Any, table: KeyTable, rules: ConfigRules, *,
                  where: str) -> None:
-    """Checks an untrusted ``config.json`` against ``rules`` and the tensors present.
+    """Checks an untrusted ``config.json`` against ``rules`` and the tensors of
+    ``reader`` (their names read without ``table``'s base prefix).
 
     Only keys the file has are checked (absent ones take the family's defaults).
 
     Raises:
       ProtlmError: one line naming every bad value.
     """
+    local_names = [table.local(n) for n in reader.keys()]
     problems = []
     for key in rules.positive:
         v = hf.get(key)
-        if key in hf and v is not None and not (_is_int(v) and 0 < v <= MAX_SIZE):
+        if v is not None and not (_is_int(v) and 0 < v <= MAX_SIZE):
             problems.append(f"{key} {v!r} (an integer from 1 to {MAX_SIZE:,} is needed)")
     for key in rules.integers:
         v = hf.get(key)

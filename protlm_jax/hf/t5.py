@@ -329,7 +329,8 @@ def load(hf_dir: str, *, mesh: Optional[jax.sharding.Mesh] = None,
         raise ProtlmError("--vocab_pad_to_multiple: only for the BERT family (T5 "
                           "vocabularies are stored as they are)")
     reader = files.CheckpointReader(hf_dir)
-    engine.check_config(hf, reader.keys(), CONFIG_RULES, where=os.path.join(hf_dir, "config.json"))
+    engine.check_config(hf, reader, TABLE, CONFIG_RULES,
+                        where=os.path.join(hf_dir, "config.json"))
     config = config_from_hf(hf, os.path.join(hf_dir, "config.json"))
     config, encoder_only, sources, skipped = _read(reader, config, encoder_only, hf_dir)
     config = config.replace(**overrides)

@@ -211,7 +211,7 @@ def load(directory: str, *, mesh: Optional[jax.sharding.Mesh] = None,
                           "XLNet's 32-row vocabulary splits 2, 4 or 8 ways as it is")
     hf = files.read_config(directory)
     reader = files.CheckpointReader(directory)
-    engine.check_config(hf, [TABLE.local(n) for n in reader.keys()], CONFIG_RULES,
+    engine.check_config(hf, reader, TABLE, CONFIG_RULES,
                         where=os.path.join(directory, "config.json"))
     try:
         cfg = config_from_hf(hf, os.path.join(directory, "config.json")).replace(**overrides)

@@ -48,7 +48,7 @@ import numpy as np
 
 from protlm_jax.data import fetch as data_fetch
 from protlm_jax.errors import InputError, ProtlmError
-from protlm_jax.probes.heads import SS3_CLASSES, SS8_CLASSES
+from protlm_jax.probes.heads import SS8_CLASSES
 
 _SS8_INDEX = {c: i for i, c in enumerate(SS8_CLASSES)}
 _SS8_INDEX.update({"L": 7, "-": 7, " ": 7, "P": 7})
@@ -114,6 +114,7 @@ class ProbeTask:
       tests: test split name → set (several for NetSurfP CSVs).
       class_names: classes of the per-protein label (empty for residue tasks).
       notes: provenance and caveats, copied into results.
+      left_out: test split name → proteins left out by ``max_test_length``.
     """
     name: str
     kind: str
@@ -122,6 +123,7 @@ class ProbeTask:
     tests: dict
     class_names: tuple = ()
     notes: str = ""
+    left_out: dict = dataclasses.field(default_factory=dict)
 
     def all_sets(self) -> Iterator[tuple[str, ResidueSet | ProteinSet]]:
         yield "train", self.train
@@ -520,13 +522,13 @@ def load_task(spec: str, data_dir: Optional[str] = None, *, train_limit: Optiona
     task.valid = subset_limit(task.valid, max(1, train_limit // 5) if train_limit else None,
                         seed, max_train_length)
     if max_test_length:
-        left_out = {k: sum(len(x) > max_test_length for x in v.sequences)
-                    for k, v in task.tests.items()}
-        if any(left_out.values()):
+        task.left_out = {k: sum(len(x) > max_test_length for x in v.sequences)
+                         for k, v in task.tests.items()}
+        if any(task.left_out.values()):
             task.notes = (task.notes + "; " if task.notes else "") + (
                 f"left out test proteins longer than {max_test_length:,} residues "
                 f"(--max_test_length): " + ", ".join(f"{k} {n:,} of {len(task.tests[k]):,}"
-                                                      for k, n in left_out.items()))
+                                                      for k, n in task.left_out.items()))
     task.tests = {k: subset_limit(v, test_limit, seed, max_test_length)
                   for k, v in task.tests.items()}
     return task
