@@ -640,3 +640,13 @@ def test_7_export_and_import_on_a_full_disk_leave_no_partial_files(tmp_path, cap
     left = [n for _, ds, fs in os.walk(tmp_path / "imported") for n in ds + fs
             if "tmp" in n]
     assert not left, left
+
+
+def test_12_library_messages_reach_the_user_as_one_line():
+    """torch's ANSI-coloured text and gin's call suffix are cut from what is shown."""
+    from protlm_jax import errors
+
+    raw = ("\x1b[31mRuntimeError\x1b[0m: shape mismatch\n   at layer 3\n"
+           "  In call to configurable 'train' (<function train at 0x7f>)")
+    assert errors.one_line(raw) == "RuntimeError: shape mismatch at layer 3"
+    assert len(errors.one_line("x" * 1000)) == 400
