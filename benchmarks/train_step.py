@@ -244,10 +244,14 @@ def _rates(timing: dict, steps: int, tokens: int, slots: int, flops: float, peak
             "mfu": flops * steps / total / peak}
 
 
-def bench_ours(report: Reporter, name: str, batch_np: dict, *, steps: int, warmup: int,
-               peak: float, dtype: str = "float32") -> dict:
+def build_ours(name: str, batch_np: dict, model_dir: str, *, dtype: str = "float32",
+               optimizer: str = "adamw"):
+    """Our jitted train step, as ``(trainer, state, step_fn, device batch)``.
+
+    A ``trainer.Trainer`` built as ``tests/test_trainer.py::_trainer`` does, on
+    one device, constant learning rate 1e-4, dropout 0.
+    """
     import jax
-    import numpy as np
     import seqio
 
     from protlm_jax import objectives, optimizers, trainer
@@ -257,24 +261,33 @@ def bench_ours(report: Reporter, name: str, batch_np: dict, *, steps: int, warmu
     config = model_config(name, dropout_rate=0.0, dtype=dtype)
     lengths = {"inputs": length, "targets": length}
     converter = seqio.EncDecFeatureConverter(pack=False)
-    optimizer = optimizers.OptimizerConfig(
-        name="adamw", schedule=optimizers.ScheduleConfig(name="constant", base=LEARNING_RATE))
+    opt = optimizers.OptimizerConfig(
+        name=optimizer,
+        schedule=optimizers.ScheduleConfig(name="constant", base=LEARNING_RATE))
+    run = trainer.Trainer(
+        model=t5.T5(config), objective=objectives.EncDecObjective(), optimizer_config=opt,
+        config=trainer.TrainConfig(model_dir=model_dir, train_steps=1000,
+                                   batch_size=batch, seed=1),
+        model_feature_lengths=converter.get_model_feature_lengths(lengths),
+        init_inputs=("encoder_input_tokens", "decoder_input_tokens"),
+        devices=jax.devices()[:1])
+    state = run.init_state()
+    return run, state, run.train_fn(state), run._global(batch_np)
+
+
+def bench_ours(report: Reporter, name: str, batch_np: dict, *, steps: int, warmup: int,
+               peak: float, dtype: str = "float32") -> dict:
+    import jax
+    import numpy as np
+
+    batch, length = batch_np["decoder_target_tokens"].shape
+    config = model_config(name, dropout_rate=0.0, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="protlm-bench-") as model_dir:
-        run = trainer.Trainer(
-            model=t5.T5(config), objective=objectives.EncDecObjective(),
-            optimizer_config=optimizer,
-            config=trainer.TrainConfig(model_dir=model_dir, train_steps=warmup + steps,
-                                       batch_size=batch, seed=1),
-            model_feature_lengths=converter.get_model_feature_lengths(lengths),
-            init_inputs=("encoder_input_tokens", "decoder_input_tokens"),
-            devices=jax.devices()[:1])
-        state = run.init_state()
+        run, state, fn, gbatch = build_ours(name, batch_np, model_dir, dtype=dtype)
         params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-        fn = run.train_fn(state)
         t = time.perf_counter()
         xla_flops = run.step_flops(state)   # lowers (traces) but does not compile
         lower_s = time.perf_counter() - t
-        gbatch = run._global(batch_np)
         holder = {"state": state}
         metrics = []
 
@@ -308,8 +321,13 @@ def bench_ours(report: Reporter, name: str, batch_np: dict, *, steps: int, warmu
 
 # ---------------------------------------------------------- Hugging Face ---
 
-def bench_hf(report: Reporter, name: str, batch_np: dict, *, steps: int, warmup: int,
-             peak: float) -> dict:
+def build_hf(name: str, batch_np: dict, optimizer: str = "adamw"):
+    """The baseline step: ``(model, step)``; ``step(parts=None)`` runs zero_grad,
+    forward, backward and the optimizer update and returns the loss. ``parts``
+    (a context-manager factory, e.g. ``torch.profiler.record_function``) marks
+    the phases "forward", "backward" and "optimizer"."""
+    import contextlib
+
     import torch
     import transformers
 
@@ -317,26 +335,49 @@ def bench_hf(report: Reporter, name: str, batch_np: dict, *, steps: int, warmup:
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
-    batch, length = batch_np["decoder_target_tokens"].shape
     config = model_config(name, dropout_rate=0.0)
     model = transformers.T5ForConditionalGeneration(hf_config_from_t5config(config))
     model = model.float().train()
-    params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    else:  # transformers' Adafactor with T5X's settings (relative step off)
+        opt = transformers.optimization.Adafactor(
+            model.parameters(), lr=LEARNING_RATE, decay_rate=-0.8, clip_threshold=1.0,
+            scale_parameter=True, relative_step=False, warmup_init=False)
     enc = torch.from_numpy(batch_np["encoder_input_tokens"]).long()
     dec = torch.from_numpy(batch_np["decoder_input_tokens"]).long()
     labels = torch.from_numpy(batch_np["decoder_target_tokens"]).long()
     labels = labels.masked_fill(labels == 0, -100)
     attention_mask = (enc != 0).long()
+
+    def step(parts=None):
+        mark = parts or (lambda _: contextlib.nullcontext())
+        with mark("optimizer"):
+            opt.zero_grad(set_to_none=True)
+        with mark("forward"):
+            out = model(input_ids=enc, attention_mask=attention_mask,
+                        decoder_input_ids=dec, labels=labels)
+        with mark("backward"):
+            out.loss.backward()
+        with mark("optimizer"):
+            opt.step()
+        return float(out.loss.detach())
+
+    return model, step
+
+
+def bench_hf(report: Reporter, name: str, batch_np: dict, *, steps: int, warmup: int,
+             peak: float) -> dict:
+    import torch
+
+    batch, length = batch_np["decoder_target_tokens"].shape
+    config = model_config(name, dropout_rate=0.0)
+    model, hf_step = build_hf(name, batch_np)
+    params = sum(p.numel() for p in model.parameters())
     losses = []
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        out = model(input_ids=enc, attention_mask=attention_mask,
-                    decoder_input_ids=dec, labels=labels)
-        out.loss.backward()
-        optimizer.step()
-        losses.append(float(out.loss.detach()))
+        losses.append(hf_step())
 
     timing = _timed_steps(step, warmup, steps)
     tokens = int(batch_np["decoder_loss_weights"].sum())

@@ -17,6 +17,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -431,6 +432,49 @@ def chunked_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, *,
 QUERY_BLOCK = 512
 
 
+def sum_leading(x: Array) -> Array:
+    """``x.sum(axis=0, keepdims=True)`` as a halving tree of element-wise adds.
+
+    XLA:CPU's reduce over the outermost axis of a large array runs at a small
+    fraction of memory bandwidth (an [8, 8, 512, 512] float32 sum: 78 ms,
+    against 2.4 ms for the same sum written as adds, which XLA fuses into one
+    pass). Equal to ``jnp.sum`` up to the order of the additions.
+    """
+    rest = None
+    while x.shape[0] > 1:
+        n = x.shape[0]
+        if n % 2:
+            rest = x[-1:] if rest is None else rest + x[-1:]
+        half = n // 2
+        x = x[:half] + x[half:2 * half]
+    return x if rest is None else x + rest
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_leading(x: Array, size: int) -> Array:
+    return jnp.broadcast_to(x, (size,) + x.shape[1:])
+
+
+def _broadcast_leading_fwd(x, size):
+    return _broadcast_leading(x, size), None
+
+
+def _broadcast_leading_bwd(size, _, g):
+    return (sum_leading(g),)
+
+
+_broadcast_leading.defvjp(_broadcast_leading_fwd, _broadcast_leading_bwd)
+
+
+def broadcast_leading(x: Array, size: int) -> Array:
+    """Broadcasts a leading axis of size 1 to ``size``; the gradient is summed
+    back with :func:`sum_leading` (a bias shared by the batch: its gradient
+    is otherwise XLA:CPU's slow outer-axis reduce, 0.7 s of a 10 s T5 step)."""
+    if x.shape[0] != 1 or size == 1:
+        return x
+    return _broadcast_leading(x, size)
+
+
 def masked_bias(bias: Optional[Array], mask: Array) -> Array:
     """The additive form of a boolean attention mask, folded into ``bias``.
 
@@ -439,8 +483,10 @@ def masked_bias(bias: Optional[Array], mask: Array) -> Array:
     ``l + min``, which rounds to ``min`` for any finite ``l``, so a fully masked
     row (packed padding) stays uniform instead of NaN.
     """
-    base = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
-    return jnp.where(mask, base, jnp.finfo(jnp.float32).min)
+    if bias is None:
+        return jnp.where(mask, jnp.zeros((), jnp.float32), jnp.finfo(jnp.float32).min)
+    bias = broadcast_leading(bias.astype(jnp.float32), mask.shape[0])
+    return jnp.where(mask, bias, jnp.finfo(jnp.float32).min)
 
 
 def dot_product_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,
@@ -478,7 +524,8 @@ def dot_product_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,
     logits_BHTS = jax.lax.dot_general(
         q_BHTK, k_BHSK, (((3,), (3,)), ((0, 1), (0, 1)))).astype(jnp.float32)
     if bias is not None:
-        logits_BHTS = logits_BHTS + bias.astype(jnp.float32)
+        bias = broadcast_leading(bias.astype(jnp.float32), logits_BHTS.shape[0])
+        logits_BHTS = logits_BHTS + bias
     logits_max_BHT = jax.lax.stop_gradient(jnp.max(logits_BHTS, axis=-1))
     unnorm_BHTS = jnp.exp(logits_BHTS - logits_max_BHT[..., None])
     denom_BHT = jnp.sum(unnorm_BHTS, axis=-1)
