@@ -14,9 +14,11 @@ For each model, in one process and one machine state (JSON lines on stdout;
    metadata gives the instruction's place in the model (``jvp(...)`` forward,
    ``transpose(jvp(...))`` backward, neither: the update). XLA runs
    independent thunks on both cores at once, so each moment of the step is
-   shared equally among the thunks running then; the parts therefore add up
-   to the step's wall time, the rest being host time (dispatch, the executor
-   waiting for work).
+   shared equally among the thunks running then, and a moment when none runs
+   goes to the thunk that ended last (library dots and reductions finish on
+   worker threads after their traced span); the parts therefore add up to the
+   span from the first thunk to the last, the rest of the step's wall time
+   being host time (dispatch and the result's hand-back).
 2. **Hugging Face.** ``train_step.build_hf``'s step (``T5ForConditionalGeneration``,
    ``torch.optim.AdamW``) under ``torch.profiler`` with the phases marked by
    ``record_function``; each aten op's self time goes to a part by its name
@@ -35,8 +37,9 @@ For each model, in one process and one machine state (JSON lines on stdout;
 Parts: ``matmul`` (the dense projections: q, k, v, o, the feed-forward and
 the LM head), ``attention`` (scores, bias and mask, softmax, weighted sum),
 ``softmax_ce`` (the loss over the vocabulary), ``norm_act`` (RMS norms,
-ReLU, residual adds, casts), ``gathers`` (token embedding, relative-position
-buckets and their gradients), ``optimizer`` (the update, the finite check and
+ReLU, residual adds, casts), ``gathers`` (the token embedding and its
+gradient; our relative-position bias counts as attention, HF's tiny
+embedding lookup of it as a gather), ``optimizer`` (the update, the finite check and
 the global norm), ``host``.
 """
 
@@ -88,7 +91,9 @@ def classify_op_name(op_name: str) -> tuple[str, str]:
         if seg.endswith("attention"):
             nxt = segments[i + 1] if i + 1 < len(segments) else ""
             return phase, "matmul" if nxt in _PROJECTIONS else "attention"
-        if seg in ("token_embedder", "relpos_bias"):
+        if seg == "relpos_bias":
+            return phase, "attention"   # the bias, its gather and its gradient's sum
+        if seg == "token_embedder":
             return phase, "gathers"
         if seg == "mlp":
             nxt = segments[i + 1] if i + 1 < len(segments) else ""
@@ -131,19 +136,33 @@ def parse_hlo(text: str) -> tuple[dict, dict, list]:
 
 
 def attributed_times(events: list[dict]) -> list[float]:
-    """Each event's share of wall time (µs): at every moment the running events
-    split the time equally, so the shares add up to the time anything ran."""
+    """Each event's share of wall time (µs), the shares adding up to the span
+    from the first event's start to the last one's end.
+
+    At every moment the running events split the time equally. A moment when
+    none runs goes to the event that ended last: XLA:CPU's library dots
+    (``dot``/``dot_general`` thunks, Eigen) and reductions return from their
+    traced span before their worker threads finish, the executor waiting for
+    them untraced (a lone 4096x2048 product: a 14 ms span, 222 ms of waiting).
+    """
     points = sorted([(e["ts"], 1, i) for i, e in enumerate(events)]
                     + [(e["ts"] + e["dur"], -1, i) for i, e in enumerate(events)])
     share = [0.0] * len(events)
     active: set[int] = set()
-    last = None
+    last, last_ended = None, None
     for t, kind, i in points:
-        if last is not None and active:
-            each = (t - last) / len(active)
-            for j in active:
-                share[j] += each
-        (active.add if kind == 1 else active.discard)(i)
+        if last is not None:
+            if active:
+                each = (t - last) / len(active)
+                for j in active:
+                    share[j] += each
+            elif last_ended is not None:
+                share[last_ended] += t - last
+        if kind == 1:
+            active.add(i)
+        else:
+            active.discard(i)
+            last_ended = i
         last = t
     return share
 
@@ -191,16 +210,16 @@ def profile_ours(name: str, batch_np: dict, steps: int) -> dict:
 
 # --------------------------------------------------------------------- HF ---
 
-def _torch_part(event, phase: str) -> str:
+def _torch_part_by_name(event) -> str:
     names = []
     e = event
     while e is not None:
-        names.append(e.name)
+        names.append(e.name.lower())
         e = e.cpu_parent
-    joined = " ".join(names).lower()
-    if phase == "optimizer":
-        return "optimizer"
-    if "scaled_dot_product" in joined or "flash_attention" in joined or "scaleddotproduct" in joined:
+    joined = " ".join(names)
+    if any(k in joined for k in ("scaled_dot_product", "flash_attention", "scaleddotproduct",
+                                 "softmax")) and "log_softmax" not in joined \
+            and "logsoftmax" not in joined:
         return "attention"
     if any(k in joined for k in ("cross_entropy", "log_softmax", "logsoftmax", "nll_loss",
                                  "nllloss")):
@@ -208,8 +227,42 @@ def _torch_part(event, phase: str) -> str:
     if "embedding" in joined:
         return "gathers"
     if event.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
-        return "matmul"
+        return "attention" if event.name in ("aten::bmm", "aten::baddbmm") else "matmul"
     return "norm_act"
+
+
+def _torch_parts(events) -> dict:
+    """Event id -> (phase, part). A backward op takes the part of the forward op
+    that created its autograd node (same ``sequence_nr``): ``BmmBackward0``
+    under the attention is attention, under ``aten::linear`` a matmul."""
+    def phase_of(e):
+        while e is not None:
+            if e.name in ("forward", "backward", "optimizer"):
+                return e.name
+            e = e.cpu_parent
+        return None
+
+    forward_part = {}
+    out = {}
+    for e in events:
+        phase = phase_of(e)
+        if phase == "forward":
+            part = _torch_part_by_name(e)
+            out[id(e)] = (phase, part)
+            if e.sequence_nr >= 0:
+                forward_part.setdefault(e.sequence_nr, part)
+    for e in events:
+        phase = phase_of(e)
+        if phase == "backward":
+            part, p = None, e
+            while p is not None and part is None:
+                if p.name.endswith(("Backward0", "Backward1")) and p.sequence_nr >= 0:
+                    part = forward_part.get(p.sequence_nr)
+                p = p.cpu_parent
+            out[id(e)] = (phase, part or _torch_part_by_name(e))
+        elif phase == "optimizer":
+            out[id(e)] = (phase, "optimizer")
+    return out
 
 
 def profile_hf(name: str, batch_np: dict, steps: int) -> dict:
@@ -227,16 +280,13 @@ def profile_hf(name: str, batch_np: dict, steps: int) -> dict:
             walls.append(time.perf_counter() - t)
     table = collections.defaultdict(float)
     busy = 0.0
-    for e in prof.events():
-        phase, p = None, e
-        while p is not None:
-            if p.name in ("forward", "backward", "optimizer"):
-                phase = p.name
-            p = p.cpu_parent
-        self_s = e.self_cpu_time_total / 1e6 / steps
-        if e.name in ("forward", "backward", "optimizer") or phase is None:
+    events = prof.events()
+    parts = _torch_parts(events)
+    for e in events:
+        if e.name in ("forward", "backward", "optimizer") or id(e) not in parts:
             continue   # Python between ops: host time, counted below
-        table[(phase, _torch_part(e, phase))] += self_s
+        self_s = e.self_cpu_time_total / 1e6 / steps
+        table[parts[id(e)]] += self_s
         busy += self_s
     wall = sum(walls) / steps
     table[("host", "host")] = wall - busy
@@ -302,6 +352,9 @@ def time_dots(dots: list, repeats: int = 3) -> list[dict]:
     import torch
 
     counts = collections.Counter((lhs, rhs, tuple(sorted(d.items()))) for _, lhs, rhs, d in dots)
+    parts = collections.defaultdict(collections.Counter)   # signature -> {"phase/part": n}
+    for op, lhs, rhs, d in dots:
+        parts[(lhs, rhs, tuple(sorted(d.items())))]["/".join(classify_op_name(op))] += 1
     rows = []
     for (lhs, rhs, dims), count in counts.items():
         d = dict(dims)
@@ -331,7 +384,7 @@ def time_dots(dots: list, repeats: int = 3) -> list[dict]:
         with torch.no_grad():
             t_torch = train_step.best_time(lambda: torch.matmul(ta, tb), repeats)
         rows.append({"lhs": list(ls), "rhs": list(rs), "dims": {k_: list(v) for k_, v in d.items()},
-                     "batch": batch, "m": m, "n": n, "k": k, "count": count,
+                     "parts": parts[(lhs, rhs, dims)], "dot_batch": batch, "m": m, "n": n, "k": k, "count": count,
                      "flops": 2.0 * batch * m * n * k, "jax_s": t_jax, "torch_s": t_torch})
     return rows
 

@@ -159,17 +159,22 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, obje
     denominator = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["objective"])
 
-    def keep_if_finite(new, old):
-        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    # A conditional, not a select: a select over params and optimizer state
+    # reads both versions of every tensor each step (~0.15 s of a 9 s T5-small
+    # step on a 2-core CPU); the branch skipping the update runs only on a
+    # non-finite step.
+    def update(_):
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), new_opt_state, new_carry
 
-    new_state = TrainState(step=state.step + 1,
-                           params=keep_if_finite(new_params, state.params),
-                           opt_state=keep_if_finite(new_opt_state, state.opt_state),
-                           carry=keep_if_finite(new_carry, state.carry) if recurrent else None)
+    def keep(_):
+        return state.params, state.opt_state, state.carry
+
+    params, opt_state, carry = jax.lax.cond(finite, update, keep, None)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           carry=carry if recurrent else None)
     metrics = dict(sums)
     metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm,
                    nonfinite=1.0 - finite.astype(jnp.float32))

@@ -157,14 +157,14 @@ def test_query_blocked_attention_equals_one_softmax(bias_kind):
     rng = np.random.default_rng(0)
     q, kk, v = (jnp.asarray(rng.standard_normal((b, t, h, k)), jnp.float32) for _ in range(3))
     keys = np.arange(t)[None, :] < np.array([[t], [700]])            # row 1: 400 pad keys
-    bias = {"position": layers.masked_bias(
-                jnp.asarray(rng.standard_normal((1, h, t, t)), jnp.float32),
-                jnp.asarray(keys)[:, None, None, :]),
-            "key_mask": layers.masked_bias(None, jnp.asarray(keys)[:, None, None, :]),
-            "none": None}[bias_kind]
-    blocked = layers.dot_product_attention(q, kk, v, bias, query_block=512)
-    whole = layers.dot_product_attention(q, kk, v, bias, query_block=0)
+    mask = jnp.asarray(keys)[:, None, None, :]
+    bias, mask = {"position": (jnp.asarray(rng.standard_normal((1, h, t, t)), jnp.float32), mask),
+                  "key_mask": (None, mask), "none": (None, None)}[bias_kind]
+    blocked = layers.dot_product_attention(q, kk, v, bias, mask, query_block=512)
+    whole = layers.dot_product_attention(q, kk, v, bias, mask, query_block=0)
     logits = jnp.einsum("bthk,bshk->bhts", q, kk) + (0.0 if bias is None else bias)
+    if mask is not None:
+        logits = logits + np.where(keys, 0.0, -1e30)[:, None, None, :]
     reference = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(logits, axis=-1), v)
     np.testing.assert_allclose(blocked, whole, atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(blocked, reference, atol=2e-6, rtol=1e-5)

@@ -350,16 +350,15 @@ class SelfAttention(nn.Module):
                 key_mask=None if mask is None else mask[:, 0, 0, :],
                 chunk_size=cfg.attention_chunk_size)
         else:
-            # HF adds finfo.min for masked keys (layers.masked_bias); scaling q
-            # instead of the logits: same value up to rounding.
+            # HF adds finfo.min for masked keys (dot_product_attention's mask);
+            # scaling q instead of the logits: same value up to rounding.
             dropout = None
             if not deterministic and cfg.attention_probs_dropout_prob > 0.0:
                 dropout = lambda w: nn.Dropout(cfg.attention_probs_dropout_prob)(
                     w, deterministic=False)
             out_BLHK = layers.dot_product_attention(
                 q_BLHK * jnp.asarray(scale, q_BLHK.dtype), k_BLHK, v_BLHK,
-                None if mask is None else layers.masked_bias(None, mask),
-                dtype=dt, dropout=dropout)
+                mask=mask, dtype=dt, dropout=dropout)
         out_BLHK = nn.with_logical_constraint(out_BLHK, ("batch", "length", "heads", "kv"))
         return Dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), dtype=dt,
                      kernel_init=_init(cfg), name="out")(out_BLHK)

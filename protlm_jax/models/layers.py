@@ -475,36 +475,30 @@ def broadcast_leading(x: Array, size: int) -> Array:
     return _broadcast_leading(x, size)
 
 
-def masked_bias(bias: Optional[Array], mask: Array) -> Array:
-    """The additive form of a boolean attention mask, folded into ``bias``.
-
-    [B|1, H|1, T, S] float32: the bias where ``mask`` is True and
-    ``finfo(float32).min`` elsewhere (HF's convention). A masked logit becomes
-    ``l + min``, which rounds to ``min`` for any finite ``l``, so a fully masked
-    row (packed padding) stays uniform instead of NaN.
-    """
-    if bias is None:
-        return jnp.where(mask, jnp.zeros((), jnp.float32), jnp.finfo(jnp.float32).min)
-    bias = broadcast_leading(bias.astype(jnp.float32), mask.shape[0])
-    return jnp.where(mask, bias, jnp.finfo(jnp.float32).min)
-
-
 def dot_product_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,
-                          bias: Optional[Array] = None, *, dtype: DType = jnp.float32,
+                          bias: Optional[Array] = None, mask: Optional[Array] = None, *,
+                          dtype: DType = jnp.float32,
                           dropout: Optional[Callable[[Array], Array]] = None,
                           query_block: int = QUERY_BLOCK) -> Array:
     """``softmax(q k^T + bias) v`` with the softmax in float32: [B, T, H, K].
 
-    ``bias`` is additive, [B|1, H|1, T, S] (a mask enters through
-    :func:`masked_bias`); no scaling is applied (T5 has none, BERT scales q).
-    ``dropout``, if given, maps the unnormalised weights (training).
+    ``bias`` is additive, [B|1, H|1, T, S]; no scaling is applied (T5 has
+    none, BERT scales q). ``mask`` [B|1, 1|H, T|1, S] is True where a query may
+    attend: masked logits become ``finfo(float32).min`` (HF adds that minimum,
+    which rounds to the same value), so a fully masked row (packed padding)
+    comes out as the uniform average instead of NaN. ``dropout``, if given,
+    maps the unnormalised weights (training).
 
     Head-major operands and explicit ``dot_general`` s: the value product reads
     the [B, H, T, S] weights in place, and XLA:CPU (YNNPACK) then runs logits,
-    bias, softmax and value product as one fused kernel instead of several
-    passes over [B, H, T, S] in memory. The softmax is normalised after the
-    value product (``exp(l - max) @ v / sum``), dividing [B, H, T, K] instead
-    of the weights; equal up to rounding.
+    bias, mask and softmax as fused passes. The mask is applied to the logits
+    rather than folded into a [B, H, T, S] bias first: each layer then reads the
+    [1, H, T, S] bias and the [B, 1, 1, S] mask instead of a materialised
+    [B, H, T, S] array (a third of the forward's non-matmul time at 512 tokens).
+    A bias shared by the batch is broadcast with :func:`broadcast_leading`, whose
+    gradient avoids XLA:CPU's slow outer-axis reduce. The softmax is
+    normalised after the value product (``exp(l - max) @ v / sum``), dividing
+    [B, H, T, K] instead of the weights; equal up to rounding.
 
     Longer than ``2 * query_block`` queries, the queries run in blocks of
     ``query_block`` against all keys (exact: softmax rows are independent), so
@@ -513,12 +507,13 @@ def dot_product_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,
     """
     t = q_BTHK.shape[1]
     if query_block and t > 2 * query_block:
-        outs = []
-        for i in range(0, t, query_block):
-            b = None if bias is None else (
-                bias if bias.shape[2] == 1 else bias[:, :, i:i + query_block])
-            outs.append(dot_product_attention(q_BTHK[:, i:i + query_block], k_BSHK, v_BSHK, b,
-                                              dtype=dtype, dropout=dropout, query_block=0))
+        def rows(x, i):
+            return x if x is None or x.shape[2] == 1 else x[:, :, i:i + query_block]
+
+        outs = [dot_product_attention(q_BTHK[:, i:i + query_block], k_BSHK, v_BSHK,
+                                      rows(bias, i), rows(mask, i), dtype=dtype,
+                                      dropout=dropout, query_block=0)
+                for i in range(0, t, query_block)]
         return jnp.concatenate(outs, axis=1)
     q_BHTK, k_BHSK, v_BHSK = (jnp.swapaxes(x, 1, 2) for x in (q_BTHK, k_BSHK, v_BSHK))
     logits_BHTS = jax.lax.dot_general(
@@ -526,6 +521,8 @@ def dot_product_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,
     if bias is not None:
         bias = broadcast_leading(bias.astype(jnp.float32), logits_BHTS.shape[0])
         logits_BHTS = logits_BHTS + bias
+    if mask is not None:
+        logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
     logits_max_BHT = jax.lax.stop_gradient(jnp.max(logits_BHTS, axis=-1))
     unnorm_BHTS = jnp.exp(logits_BHTS - logits_max_BHT[..., None])
     denom_BHT = jnp.sum(unnorm_BHTS, axis=-1)
@@ -607,12 +604,10 @@ class MultiHeadAttention(nn.Module):
         else:
             if isinstance(bias, PositionBiasTable):
                 bias = bias(jnp.arange(t), jnp.arange(s))
-            if mask is not None:
-                bias = masked_bias(bias, mask)
             dropout = None
             if not deterministic and self.dropout_rate > 0.0:
                 dropout = lambda w: nn.Dropout(rate=self.dropout_rate)(w, deterministic=False)
-            out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias,
+            out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias, mask,
                                              dtype=self.dtype, dropout=dropout)
         out_BTHK = nn.with_logical_constraint(out_BTHK, ("batch", "length", "heads", "kv"))
         return DenseGeneral(d_model, axis=(-2, -1), kernel_axes=("heads", "kv", "embed"),
