@@ -21,5 +21,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 exec "$VENV/bin/python" benchmarks/train_step.py --models prot_t5_xl_slice --no-hf \
-  --batch "${BATCH:-32}" --length 512 --steps "${STEPS:-10}" --bf16 \
+  --batch "${BATCH:-32}" --length 512 --steps "${STEPS:-10}" --bf16 --bert-layers 0 \
   --peak_flops "${PEAK_TFLOPS}e12" "$@"

@@ -484,17 +484,18 @@ def dot_product_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,
 
     ``bias`` is additive, [B|1, H|1, T, S]; no scaling is applied (T5 has
     none, BERT scales q). ``mask`` [B|1, 1|H, T|1, S] is True where a query may
-    attend: masked logits become ``finfo(float32).min`` (HF adds that minimum,
-    which rounds to the same value), so a fully masked row (packed padding)
-    comes out as the uniform average instead of NaN. ``dropout``, if given,
+    attend: ``finfo(float32).min`` is added to masked logits (as HF does), so
+    a fully masked row (packed padding) comes out as the uniform average
+    instead of NaN. ``dropout``, if given,
     maps the unnormalised weights (training).
 
     Head-major operands and explicit ``dot_general`` s: the value product reads
     the [B, H, T, S] weights in place, and XLA:CPU (YNNPACK) then runs logits,
-    bias, mask and softmax as fused passes. The mask is applied to the logits
-    rather than folded into a [B, H, T, S] bias first: each layer then reads the
-    [1, H, T, S] bias and the [B, 1, 1, S] mask instead of a materialised
-    [B, H, T, S] array (a third of the forward's non-matmul time at 512 tokens).
+    bias, mask and softmax as fused passes. The mask is added to the logits as
+    ``where(mask, 0, min)`` of its own shape rather than folded into a
+    [B, H, T, S] bias first: each layer then reads the [1, H, T, S] bias and
+    the [B, 1, 1, S] mask instead of a materialised [B, H, T, S] array, and the
+    backward needs no select.
     A bias shared by the batch is broadcast with :func:`broadcast_leading`, whose
     gradient avoids XLA:CPU's slow outer-axis reduce. The softmax is
     normalised after the value product (``exp(l - max) @ v / sum``), dividing
@@ -522,7 +523,10 @@ def dot_product_attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array,
         bias = broadcast_leading(bias.astype(jnp.float32), logits_BHTS.shape[0])
         logits_BHTS = logits_BHTS + bias
     if mask is not None:
-        logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
+        # Added, not selected: the additive mask has the mask's own (small)
+        # shape, and the logits' gradient passes through unchanged (it is
+        # already 0 where the weights are), with no select in the backward.
+        logits_BHTS = logits_BHTS + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
     logits_max_BHT = jax.lax.stop_gradient(jnp.max(logits_BHTS, axis=-1))
     unnorm_BHTS = jnp.exp(logits_BHTS - logits_max_BHT[..., None])
     denom_BHT = jnp.sum(unnorm_BHTS, axis=-1)
