@@ -27,7 +27,6 @@ import argparse
 import collections
 import filecmp
 import gzip
-import json
 import os
 import platform
 import shutil

@@ -40,18 +40,15 @@ SAMPLE = REPO / "data" / "sample" / "uniprot_sample.fasta.gz"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="tiny width, short rows")
-    args = parser.parse_args()
-    out = claim_stdout()
-    wall = time.perf_counter()
-
+def lora_step_comparison(report: Reporter, cfg, rows: int, length: int, steps: int,
+                         rounds: int, peak: float | None = None) -> dict:
+    """One LoRA fine-tuning step (r 4, alpha 1 on q, k, v, o + LayerNorms, a
+    13-class protein head) of ours against transformers + peft on the same
+    ``BertModel`` weights and batch: the best of ``rounds`` rounds of ``steps``
+    steps each, interleaved. Emits ``finetune_lora_step/...``; returns the
+    comparison line. With ``peak`` (FLOP/s) the lines carry MFUs: forward +
+    input-gradient backward = 2 x the layers' forward matmul FLOPs (frozen
+    weights need no weight gradients; the adapters' are negligible)."""
     import jax
     import numpy as np
     import peft
@@ -62,21 +59,6 @@ def main() -> None:
     from protlm_jax import models, partitioning
     from protlm_jax.finetune import tasks, train
     from protlm_jax.hf import bert as hf_bert
-    from protlm_jax.models import bert
-
-    if args.quick:
-        cfg = bert.preset("prot_bert_tiny")
-        args.length = min(args.length, 64)
-    else:
-        cfg = bert.preset("prot_bert", num_hidden_layers=args.layers,
-                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    common = {"quick": args.quick, "model": f"bert d{cfg.hidden_size} x{cfg.num_hidden_layers}",
-              "rows": args.rows, "length": args.length, "lora": "r4 alpha1 q,k,v,o + norms",
-              "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                       "loadavg_1m_start": round(os.getloadavg()[0], 2)},
-              "versions": {p: version(p) for p in ("jax", "flax", "torch", "transformers",
-                                                   "peft")}}
-    report = Reporter(out, common)
 
     # The same weights on both sides.
     torch.manual_seed(0)
@@ -91,8 +73,8 @@ def main() -> None:
     view = fam.encoder_view(cfg, params)
 
     # Real sequences, cropped: [CLS] seq [SEP] of exactly --length tokens.
-    records = [(i, s[:args.length - 2]) for i, s in read_records(SAMPLE, 400)
-               if len(s) >= args.length - 2][:args.rows]
+    records = [(i, s[:length - 2]) for i, s in read_records(SAMPLE, 400)
+               if len(s) >= length - 2][:rows]
     classes = tuple(f"c{i}" for i in range(13))
     split = tasks.Split([i for i, _ in records], [s for _, s in records],
                         {"label": [k % 13 for k in range(len(records))]},
@@ -101,10 +83,10 @@ def main() -> None:
     mesh = partitioning.create_mesh(1, devices=jax.devices()[:1])
     rules = partitioning.standard_logical_axis_rules("1d")
     model = train.build(fam, view, task, train.FinetuneConfig(
-        method="lora", batch_size=args.rows, dropout=0.0), mesh, rules)
+        method="lora", batch_size=rows, dropout=0.0), mesh, rules)
     tok = train.Tokens(fam, fam.vocabulary(), view.max_positions)
     enc = tok.encode(split)
-    batch = train.make_batch(enc, list(range(len(records))), args.rows, model)
+    batch = train.make_batch(enc, list(range(len(records))), rows, model)
     tokens_np = batch["tokens"]
     runner = train.Runner(model, view.params)
     trainable, opt_state = runner.init(0)
@@ -145,22 +127,62 @@ def main() -> None:
     compile_s = time.perf_counter() - t0
     hf_step()
     times = {"ours": [], "hf": []}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        ours_steps(args.steps)
-        times["ours"].append((time.perf_counter() - t0) / args.steps)
+        ours_steps(steps)
+        times["ours"].append((time.perf_counter() - t0) / steps)
         t0 = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(steps):
             hf_step()
-        times["hf"].append((time.perf_counter() - t0) / args.steps)
+        times["hf"].append((time.perf_counter() - t0) / steps)
     tokens = tokens_np.size
     t_o, t_h = min(times["ours"]), min(times["hf"])
     counts = train.trainable_count(model)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    flops = 2.0 * cfg.num_hidden_layers * (2 * tokens * (4 * d * d + 2 * d * f)
+                                           + 4 * rows * length * length * d)
+
+    def mfu(seconds):
+        return {"mfu": flops / seconds / peak, "flops": flops, "peak_flops": peak} if peak else {}
+
     report.emit("finetune_lora_step/protlm_jax", tokens / t_o, "tokens/s", seconds=t_o,
-                compile_seconds=compile_s, trainable=counts)
+                compile_seconds=compile_s, trainable=counts, **mfu(t_o))
     report.emit("finetune_lora_step/hf_peft", tokens / t_h, "tokens/s", seconds=t_h,
-                trainable=sum(p.numel() for p in trainable_t))
-    report.emit("finetune_lora_step/vs_hf_peft", t_h / t_o, "x")
+                trainable=sum(p.numel() for p in trainable_t), **mfu(t_h))
+    return report.emit("finetune_lora_step/vs_hf_peft", t_h / t_o, "x",
+                       **({"mfu": flops / t_o / peak, "mfu_baseline": flops / t_h / peak}
+                          if peak else {}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny width, short rows")
+    args = parser.parse_args()
+    out = claim_stdout()
+    wall = time.perf_counter()
+
+    from protlm_jax.models import bert
+
+    if args.quick:
+        cfg = bert.preset("prot_bert_tiny")
+        args.length = min(args.length, 64)
+    else:
+        cfg = bert.preset("prot_bert", num_hidden_layers=args.layers,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    common = {"quick": args.quick, "model": f"bert d{cfg.hidden_size} x{cfg.num_hidden_layers}",
+              "rows": args.rows, "length": args.length, "lora": "r4 alpha1 q,k,v,o + norms",
+              "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                       "loadavg_1m_start": round(os.getloadavg()[0], 2)},
+              "versions": {p: version(p) for p in ("jax", "flax", "torch", "transformers",
+                                                   "peft")}}
+    report = Reporter(out, common)
+
+    lora_step_comparison(report, cfg, args.rows, args.length, args.steps, args.rounds)
     report.emit("run/wall", time.perf_counter() - wall, "s")
 
 

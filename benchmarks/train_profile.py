@@ -266,7 +266,6 @@ def _torch_parts(events) -> dict:
 
 
 def profile_hf(name: str, batch_np: dict, steps: int) -> dict:
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     _, step = train_step.build_hf(name, batch_np)
@@ -383,10 +382,107 @@ def time_dots(dots: list, repeats: int = 3) -> list[dict]:
             ta, tb = ta[0], tb[0]
         with torch.no_grad():
             t_torch = train_step.best_time(lambda: torch.matmul(ta, tb), repeats)
-        rows.append({"lhs": list(ls), "rhs": list(rs), "dims": {k_: list(v) for k_, v in d.items()},
-                     "parts": parts[(lhs, rhs, dims)], "dot_batch": batch, "m": m, "n": n, "k": k, "count": count,
-                     "flops": 2.0 * batch * m * n * k, "jax_s": t_jax, "torch_s": t_torch})
+        rows.append({"lhs": list(ls), "rhs": list(rs),
+                     "dims": {k_: list(v) for k_, v in d.items()},
+                     "parts": parts[(lhs, rhs, dims)], "dot_batch": batch, "m": m, "n": n,
+                     "k": k, "count": count, "flops": 2.0 * batch * m * n * k,
+                     "jax_s": t_jax, "torch_s": t_torch})
     return rows
+
+
+# --------------------------------------------------------------- variants ---
+
+def _attention_before(q_BTHK, k_BSHK, v_BSHK, bias, mask):
+    """The attention core as it was before this benchmark's changes: the mask
+    folded into a [B, H, T, S] bias by a select, the shared bias broadcast by
+    plain broadcasting (gradient: XLA's outer-axis reduce)."""
+    import jax
+    import jax.numpy as jnp
+
+    masked = jnp.where(mask, bias, jnp.finfo(jnp.float32).min)
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BTHK, k_BSHK, v_BSHK))
+    logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1)))) + masked
+    unnorm = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1))[..., None])
+    out = jax.lax.dot_general(unnorm, v, (((3,), (2,)), ((0, 1), (0, 1))))
+    return jnp.swapaxes(out / jnp.sum(unnorm, axis=-1)[..., None], 1, 2)
+
+
+def time_variants(name: str, batch_np: dict, repeats: int = 5) -> list[tuple]:
+    """Before/after timings of this issue's changes, interleaved in one run.
+
+    ``attention_stack``: forward + backward of the model's encoder attention
+    cores (its layer count, heads, d_kv; q = k = v = the previous layer's
+    output) sharing one [1, H, L, L] bias and the batch's key mask, the
+    ``before`` formulation against ``layers.dot_product_attention``.
+    ``nonfinite_skip``: the AdamW update of the model's parameter tree kept
+    only when finite, by a select over params and state (before) or
+    ``lax.cond`` (after, as ``trainer.train_step`` now does).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from protlm_jax import optimizers
+    from protlm_jax.models import layers, t5
+
+    cfg = train_step.model_config(name, dropout_rate=0.0)
+    b, length = batch_np["encoder_input_tokens"].shape
+    h, kv, n = cfg.num_heads, cfg.d_kv, cfg.num_encoder_layers
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((b, length, h, kv), np.float32) * 0.3)
+    bias = jnp.asarray(rng.standard_normal((1, h, length, length), np.float32))
+    mask = jnp.asarray(batch_np["encoder_input_tokens"] != 0)[:, None, None, :]
+
+    def stack(core):
+        def loss(x, bias):
+            y = x
+            for _ in range(n):
+                y = core(y, y, y, bias, mask)
+            return jnp.sum(y * x)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    before = stack(_attention_before)
+    after = stack(lambda q, k, v, bias_, mask_: layers.dot_product_attention(
+        q, k, v, bias_, mask_))
+    diff = max(float(jnp.abs(a - c).max()) for a, c in zip(before(x, bias), after(x, bias)))
+
+    shapes = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a,
+                          t5.abstract_params(cfg), is_leaf=lambda a: hasattr(a, "value"))
+    params = jax.tree.map(lambda sd: jnp.asarray(
+        rng.standard_normal(sd.shape, np.float32) * 0.05), shapes)
+    grads = jax.tree.map(lambda p: p * 0.01, params)
+    tx = optimizers.make_optimizer(optimizers.OptimizerConfig(
+        name="adamw", schedule=optimizers.ScheduleConfig(name="constant", base=1e-4)))
+    opt_state = tx.init(params)
+
+    def skip(select):
+        def update(params, state, grads):
+            finite = jnp.isfinite(optax.global_norm(grads))
+
+            def apply(_):
+                updates, new_state = tx.update(grads, state, params)
+                return optax.apply_updates(params, updates), new_state
+
+            if select:
+                new = apply(None)
+                return jax.tree.map(lambda a, o: jnp.where(finite, a, o), new, (params, state))
+            return jax.lax.cond(finite, apply, lambda _: (params, state), None)
+        return jax.jit(update)
+
+    cases = {"attention_stack": (before, after, (x, bias), diff),
+             "nonfinite_skip": (skip(True), skip(False), (params, opt_state, grads), 0.0)}
+    out = []
+    for case, (f_before, f_after, args, max_diff) in cases.items():
+        times = {"before": [], "after": []}
+        jax.block_until_ready((f_before(*args), f_after(*args)))
+        for _ in range(repeats):   # interleaved: both see the same machine state
+            for label, f in (("before", f_before), ("after", f_after)):
+                t = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                times[label].append(time.perf_counter() - t)
+        out.append((case, min(times["before"]), min(times["after"]), max_diff))
+    return out
 
 
 # -------------------------------------------------------------------- main ---
@@ -417,8 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         args.models, args.batch, args.length, args.steps = "prot_t5_tiny", 2, 64, 1
     json_out = claim_stdout()
     loadavg = os.getloadavg()
-    import jax  # noqa: E402
-    import torch  # noqa: E402
+    import torch  # noqa: E402  (after the environment is fixed)
 
     from protlm_jax import host_memory
 
@@ -451,6 +546,10 @@ def main(argv: list[str] | None = None) -> int:
         for opt_name, (a, b) in time_optimizers(name).items():
             report.emit(f"optimizer/{name}/{opt_name}", a, "s", model=name, baseline=b,
                         speedup=b / a)
+        log(f"{name}: before/after variants, interleaved")
+        for case, t_before, t_after, max_diff in time_variants(name, batch_np):
+            report.emit(f"variant/{name}/{case}", t_after, "s", model=name, baseline=t_before,
+                        speedup=t_before / t_after, max_abs_diff=max_diff)
         if not args.no_dots:
             log(f"{name}: {len(ours['dots'])} dots, timed alone")
             rows = time_dots(ours["dots"])

@@ -28,7 +28,6 @@ means.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -76,6 +75,7 @@ DEFAULT_BASE_STEPS = 2
 # compiles once more (the donated output state's layout differs from init's).
 DEFAULT_BERT_LAYERS = 4
 QUICK = {"steps": 3, "batch": 2, "length": 64, "models": "prot_t5_tiny", "bert_layers": 2,
+         "xlnet_layers": 1, "lora_layers": 1,
          "peak_size": 512, "warmup": WARMUP_STEPS}
 
 
@@ -213,36 +213,46 @@ def bench_peak(report: Reporter, size: int, repeats: int) -> float:
 
 # -------------------------------------------------------------- protlm-jax ---
 
-def _timed_steps(step: Callable[[], object], warmup: int, steps: int) -> dict:
-    """Runs ``warmup`` then ``steps`` synchronous steps; per-step wall times.
+def _interleaved(sides: dict, warmup: int, steps: int) -> dict:
+    """Times the sides' steps in turns, so both see the same machine state.
 
-    ``cpu_util`` is this process's CPU time (all threads) over the wall time of
-    the timed steps: about ``os.cpu_count()`` when the step keeps every core
-    busy, lower when it runs serial parts or other jobs take the cores.
+    ``sides`` maps a name to a synchronous step. Each side first runs its
+    ``warmup`` steps (ours compiles there), then the timed steps alternate:
+    A, B, A, B, ... Returns per side ``warmup_s``, ``step_s`` and ``cpu_util``:
+    this process's CPU time (all threads) over the wall time of that side's
+    timed steps, about ``os.cpu_count()`` when the step keeps every core busy,
+    lower when it runs serial parts or other jobs take the cores.
     """
-    warm = []
-    for _ in range(warmup):
-        t = time.perf_counter()
-        step()
-        warm.append(time.perf_counter() - t)
-    times = []
-    cpu0 = time.process_time()
+    out = {}
+    for side, step in sides.items():
+        warm = []
+        for _ in range(warmup):
+            t = time.perf_counter()
+            step()
+            warm.append(time.perf_counter() - t)
+        out[side] = {"warmup_s": warm, "step_s": [], "cpu_s": 0.0}
     for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    cpu = time.process_time() - cpu0
-    return {"warmup_s": warm, "step_s": times, "total_s": sum(times),
-            "cpu_util": cpu / sum(times)}
+        for side, step in sides.items():
+            c, t = time.process_time(), time.perf_counter()
+            step()
+            out[side]["step_s"].append(time.perf_counter() - t)
+            out[side]["cpu_s"] += time.process_time() - c
+    for timing in out.values():
+        timing["cpu_util"] = timing.pop("cpu_s") / sum(timing["step_s"])
+    return out
 
 
-def _rates(timing: dict, steps: int, tokens: int, slots: int, flops: float, peak: float):
-    total = timing["total_s"]
-    return {"steps_per_s": steps / total, "tokens_per_s": tokens * steps / total,
-            "token_slots_per_s": slots * steps / total,
-            "step_s_median": statistics.median(timing["step_s"]),
-            "step_s_min": min(timing["step_s"]), "cpu_util": timing["cpu_util"],
-            "mfu": flops * steps / total / peak}
+def _rates(timing: dict, tokens: int, slots: int, flops: float, peak: float) -> dict:
+    """Rates from the median timed step (robust to one disturbed step)."""
+    median = statistics.median(timing["step_s"])
+    return {"steps_per_s": 1.0 / median, "tokens_per_s": tokens / median,
+            "token_slots_per_s": slots / median, "step_s_median": median,
+            "step_s_min": min(timing["step_s"]),
+            "step_s_mean": statistics.fmean(timing["step_s"]),
+            "cpu_util": timing["cpu_util"], "mfu": flops / median / peak,
+            "steps": len(timing["step_s"]), "warmup_steps": len(timing["warmup_s"]),
+            "step_s": timing["step_s"],
+            "first_step_s": timing["warmup_s"][0] if timing["warmup_s"] else None}
 
 
 def build_ours(name: str, batch_np: dict, model_dir: str, *, dtype: str = "float32",
@@ -276,48 +286,46 @@ def build_ours(name: str, batch_np: dict, model_dir: str, *, dtype: str = "float
     return run, state, run.train_fn(state), run._global(batch_np)
 
 
-def bench_ours(report: Reporter, name: str, batch_np: dict, *, steps: int, warmup: int,
-               peak: float, dtype: str = "float32") -> dict:
+def prepare_ours(report: Reporter, name: str, batch_np: dict, model_dir: str, *,
+                 peak: float, dtype: str = "float32"):
+    """Our T5 step and ``finish(timing)``, which emits its line."""
     import jax
     import numpy as np
 
     batch, length = batch_np["decoder_target_tokens"].shape
     config = model_config(name, dropout_rate=0.0, dtype=dtype)
-    with tempfile.TemporaryDirectory(prefix="protlm-bench-") as model_dir:
-        run, state, fn, gbatch = build_ours(name, batch_np, model_dir, dtype=dtype)
-        params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-        t = time.perf_counter()
-        xla_flops = run.step_flops(state)   # lowers (traces) but does not compile
-        lower_s = time.perf_counter() - t
-        holder = {"state": state}
-        metrics = []
+    run, state, fn, gbatch = build_ours(name, batch_np, model_dir, dtype=dtype)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    t = time.perf_counter()
+    xla_flops = run.step_flops(state)   # lowers (traces) but does not compile
+    lower_s = time.perf_counter() - t
+    holder = {"state": state}
+    metrics = []
 
-        def step():
-            holder["state"], m = fn(holder["state"], gbatch)
-            jax.block_until_ready((holder["state"], m))
-            metrics.append(m)
+    def step():
+        holder["state"], m = fn(holder["state"], gbatch)
+        jax.block_until_ready((holder["state"], m))
+        metrics.append(m)
 
-        timing = _timed_steps(step, warmup, steps)
-        last = jax.device_get(metrics[-1])
-        first = jax.device_get(metrics[0])
-    tokens = int(batch_np["decoder_loss_weights"].sum())
-    slots = batch * length
-    analytic = analytic_flops(config, batch, length, length)
-    rates = _rates(timing, steps, tokens, slots, analytic["total"], peak)
-    line = report.emit(
-        f"train_step/{name}/protlm_jax" + ("" if dtype == "float32" else f"_{dtype}"),
-        rates["tokens_per_s"], "tokens/s", model=name, dtype=dtype, batch=batch,
-        length=length, steps=steps, warmup_steps=warmup, params=params,
-        target_tokens_per_step=tokens, **rates,
-        flops_per_step_xla=xla_flops, flops_per_step_analytic=analytic["total"],
-        flops_analytic_dense=analytic["dense"], flops_analytic_attention=analytic["attention"],
-        mfu_xla=xla_flops * steps / timing["total_s"] / peak if xla_flops else None,
-        peak_flops=peak, first_step_s=timing["warmup_s"][0] if warmup else None,
-        lower_s=lower_s, step_s=timing["step_s"],
-        loss_first=float(first["loss"]) / float(first["weight"]),
-        loss_last=float(last["loss"]) / float(last["weight"]),
-        nonfinite=float(last["nonfinite"]), optimizer="adamw", devices=1)
-    return line
+    def finish(timing: dict) -> dict:
+        first, last = jax.device_get(metrics[0]), jax.device_get(metrics[-1])
+        tokens = int(batch_np["decoder_loss_weights"].sum())
+        analytic = analytic_flops(config, batch, length, length)
+        rates = _rates(timing, tokens, batch * length, analytic["total"], peak)
+        return report.emit(
+            f"train_step/{name}/protlm_jax" + ("" if dtype == "float32" else f"_{dtype}"),
+            rates["tokens_per_s"], "tokens/s", model=name, dtype=dtype, batch=batch,
+            length=length, params=params, target_tokens_per_step=tokens, **rates,
+            flops_per_step_xla=xla_flops, flops_per_step_analytic=analytic["total"],
+            flops_analytic_dense=analytic["dense"],
+            flops_analytic_attention=analytic["attention"],
+            mfu_xla=xla_flops / rates["step_s_median"] / peak if xla_flops else None,
+            peak_flops=peak, lower_s=lower_s,
+            loss_first=float(first["loss"]) / float(first["weight"]),
+            loss_last=float(last["loss"]) / float(last["weight"]),
+            nonfinite=float(last["nonfinite"]), optimizer="adamw", devices=1)
+
+    return step, finish
 
 
 # ---------------------------------------------------------- Hugging Face ---
@@ -367,8 +375,8 @@ def build_hf(name: str, batch_np: dict, optimizer: str = "adamw"):
     return model, step
 
 
-def bench_hf(report: Reporter, name: str, batch_np: dict, *, steps: int, warmup: int,
-             peak: float) -> dict:
+def prepare_hf(report: Reporter, name: str, batch_np: dict, *, peak: float):
+    """The Hugging Face T5 step and ``finish(timing)``, which emits its line."""
     import torch
 
     batch, length = batch_np["decoder_target_tokens"].shape
@@ -377,22 +385,20 @@ def bench_hf(report: Reporter, name: str, batch_np: dict, *, steps: int, warmup:
     params = sum(p.numel() for p in model.parameters())
     losses = []
 
-    def step():
-        losses.append(hf_step())
+    def finish(timing: dict) -> dict:
+        tokens = int(batch_np["decoder_loss_weights"].sum())
+        analytic = analytic_flops(config, batch, length, length)
+        rates = _rates(timing, tokens, batch * length, analytic["total"], peak)
+        return report.emit(
+            f"train_step/{name}/hf_torch", rates["tokens_per_s"], "tokens/s", model=name,
+            dtype="float32", batch=batch, length=length, params=params,
+            target_tokens_per_step=tokens, **rates,
+            flops_per_step_analytic=analytic["total"], peak_flops=peak,
+            loss_first=losses[0], loss_last=losses[-1], optimizer="torch.optim.AdamW",
+            torch_threads=torch.get_num_threads(),
+            attn_implementation=getattr(model.config, "_attn_implementation", None))
 
-    timing = _timed_steps(step, warmup, steps)
-    tokens = int(batch_np["decoder_loss_weights"].sum())
-    analytic = analytic_flops(config, batch, length, length)
-    rates = _rates(timing, steps, tokens, batch * length, analytic["total"], peak)
-    return report.emit(
-        f"train_step/{name}/hf_torch", rates["tokens_per_s"], "tokens/s", model=name,
-        dtype="float32", batch=batch, length=length, steps=steps, warmup_steps=warmup,
-        params=params, target_tokens_per_step=tokens, **rates,
-        flops_per_step_analytic=analytic["total"], peak_flops=peak,
-        first_step_s=timing["warmup_s"][0] if warmup else None, step_s=timing["step_s"],
-        loss_first=losses[0], loss_last=losses[-1], optimizer="torch.optim.AdamW",
-        torch_threads=torch.get_num_threads(),
-        attn_implementation=getattr(model.config, "_attn_implementation", None))
+    return lambda: losses.append(hf_step()), finish
 
 
 def compare(report: Reporter, name: str, ours: dict, hf: dict) -> None:
@@ -571,39 +577,79 @@ def bench_bert(report: Reporter, layers: int, batch: int, length: int, *, steps:
     batch_np = make_mlm_batch(batch, length)
     tokens = int(batch_np["encoder_loss_weights"].sum())
     flops = bert_flops(config, batch, length)
-    context = dict(model=name, layers=layers, batch=batch, length=length, steps=steps,
-                   warmup_steps=warmup, scored_tokens_per_step=tokens,
+    context = dict(model=name, layers=layers, batch=batch, length=length,
+                   scored_tokens_per_step=tokens,
                    flops_per_step_analytic=flops, peak_flops=peak, optimizer="lamb")
-    log(f"{name}: protlm-jax, {warmup} warm-up + {steps} steps")
+    log(f"{name}: protlm-jax" + (" and BertForMaskedLM" if hf else "")
+        + f", {warmup} warm-up + {steps} steps each, interleaved")
     with tempfile.TemporaryDirectory(prefix="protlm-bench-") as model_dir:
         run, state, fn, gbatch = build_ours_bert(config, batch_np, model_dir)
-        holder, metrics = {"state": state}, []
+        holder, metrics, losses = {"state": state}, [], []
 
         def ours_step():
             holder["state"], m = fn(holder["state"], gbatch)
             jax.block_until_ready((holder["state"], m))
             metrics.append(m)
 
-        timing = _timed_steps(ours_step, warmup, steps)
+        sides = {"protlm_jax": ours_step}
+        if hf:
+            _, hf_step = build_hf_bert(config, batch_np)
+            sides["hf_torch"] = lambda: losses.append(hf_step())
+        timing = _interleaved(sides, warmup, steps)
         first, last = jax.device_get(metrics[0]), jax.device_get(metrics[-1])
-    rates = _rates(timing, steps, tokens, batch * length, flops, peak)
+    rates = _rates(timing["protlm_jax"], tokens, batch * length, flops, peak)
     ours = report.emit(f"train_step/{name}/protlm_jax", rates["tokens_per_s"], "tokens/s",
-                       **context, **rates, step_s=timing["step_s"],
+                       **context, **rates,
                        loss_first=float(first["loss"]) / float(first["weight"]),
                        loss_last=float(last["loss"]) / float(last["weight"]))
-    log(f"  {ours['value']:.0f} scored tokens/s, MFU {ours['mfu']:.3f}")
+    log(f"  ours {ours['value']:.0f} scored tokens/s, MFU {ours['mfu']:.3f}")
     if not hf:
         return
-    log(f"{name}: Hugging Face BertForMaskedLM, {warmup} warm-up + {steps} steps")
-    _, hf_step = build_hf_bert(config, batch_np)
-    losses = []
-    timing = _timed_steps(lambda: losses.append(hf_step()), warmup, steps)
-    rates = _rates(timing, steps, tokens, batch * length, flops, peak)
+    rates = _rates(timing["hf_torch"], tokens, batch * length, flops, peak)
     theirs = report.emit(f"train_step/{name}/hf_torch", rates["tokens_per_s"], "tokens/s",
-                         **context, **rates, step_s=timing["step_s"], loss_first=losses[0],
-                         loss_last=losses[-1], baseline_optimizer="torch_lamb (foreach)")
-    log(f"  {theirs['value']:.0f} scored tokens/s, MFU {theirs['mfu']:.3f}")
+                         **context, **rates, loss_first=losses[0], loss_last=losses[-1],
+                         baseline_optimizer="torch_lamb (foreach)")
+    log(f"  HF {theirs['value']:.0f} scored tokens/s, MFU {theirs['mfu']:.3f}")
     compare(report, name, ours, theirs)
+
+
+# ------------------------------------------------------- XLNet and LoRA ---
+
+def bench_xlnet(report: Reporter, layers: int, peak: float, tiny: bool = False) -> dict:
+    """ProtXLNet's permutation-LM step against ``XLNetLMHeadModel`` (AdamW), at
+    ProtXLNet's width with ``layers`` of its 30 layers, 4 rows x 256: the
+    comparison ``benchmarks/xlnet.py`` makes, lines ``xlnet_train_step/...``."""
+    import torch
+    import transformers
+
+    import xlnet as xlnet_bench
+    from protlm_jax.hf import xlnet as hf_xlnet
+    from protlm_jax.models import xlnet
+
+    cfg = (xlnet.preset("prot_xlnet_tiny") if tiny
+           else xlnet.preset("prot_xlnet", n_layer=layers, dropout=0.0))
+    hf_config = transformers.XLNetConfig(**{k: v for k, v in hf_xlnet.hf_config_dict(
+        cfg, "XLNetLMHeadModel").items() if k not in ("architectures", "model_type")})
+    torch.manual_seed(0)
+    hf = transformers.XLNetLMHeadModel(hf_config)
+    rows, length = (2, 64) if tiny else (4, 256)
+    log(f"ProtXLNet ({cfg.n_layer} layers): ours and XLNetLMHeadModel, interleaved")
+    return xlnet_bench.train_step_comparison(report, cfg, hf, rows, length, 3, peak)
+
+
+def bench_lora(report: Reporter, layers: int, peak: float, tiny: bool = False) -> dict:
+    """The LoRA fine-tuning step against transformers + peft, at ProtBert's
+    width with ``layers`` layers, 8 rows x 256: the comparison
+    ``benchmarks/finetune.py`` makes, lines ``finetune_lora_step/...``."""
+    import finetune as finetune_bench
+    from protlm_jax.models import bert
+
+    cfg = (bert.preset("prot_bert_tiny") if tiny
+           else bert.preset("prot_bert", num_hidden_layers=layers, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0))
+    length = 64 if tiny else 256
+    log(f"LoRA ({cfg.num_hidden_layers} layers): ours and transformers + peft, interleaved")
+    return finetune_bench.lora_step_comparison(report, cfg, 8, length, 3, 2, peak)
 
 
 # -------------------------------------------------------------------- main ---
@@ -631,6 +677,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also ProtBert MLM + LAMB against BertForMaskedLM at ProtBert width "
                              "with this many of its 30 layers (0: skip; default "
                              f"{DEFAULT_BERT_LAYERS}; 2 at tiny width with --quick)")
+    parser.add_argument("--xlnet-layers", type=int, default=None,
+                        help="also ProtXLNet against XLNetLMHeadModel with this many layers "
+                             "(0: skip, the default; tiny with --quick)")
+    parser.add_argument("--lora-layers", type=int, default=None,
+                        help="also the LoRA step against transformers + peft on ProtBert with "
+                             "this many layers (0: skip, the default; tiny with --quick)")
     parser.add_argument("--bf16", action="store_true",
                         help="also run ours with bfloat16 activations (first model only)")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
@@ -693,25 +745,41 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(models):
         n = steps if name in ("prot_t5_small", "prot_t5_tiny") or args.quick else min(
             steps, args.base_steps)
-        w = warmup
-        log(f"{name}: protlm-jax, {w} warm-up + {n} steps")
-        ours = bench_ours(report, name, batch_np, steps=n, warmup=w, peak=peak)
-        log(f"  {ours['value']:.0f} tokens/s, MFU {ours['mfu']:.3f}")
+        log(f"{name}: protlm-jax" + ("" if args.no_hf else " and Hugging Face")
+            + f", {warmup} warm-up + {n} steps each, interleaved")
+        with tempfile.TemporaryDirectory(prefix="protlm-bench-") as model_dir:
+            ours_step, ours_finish = prepare_ours(report, name, batch_np, model_dir, peak=peak)
+            sides = {"protlm_jax": ours_step}
+            if not args.no_hf:
+                hf_step, hf_finish = prepare_hf(report, name, batch_np, peak=peak)
+                sides["hf_torch"] = hf_step
+            timing = _interleaved(sides, warmup, n)
+            ours = ours_finish(timing["protlm_jax"])
+        log(f"  ours {ours['value']:.0f} tokens/s, MFU {ours['mfu']:.3f}")
         if not args.no_hf:
-            log(f"{name}: Hugging Face, {w} warm-up + {n} steps")
-            hf = bench_hf(report, name, batch_np, steps=n, warmup=w, peak=peak)
-            log(f"  {hf['value']:.0f} tokens/s, MFU {hf['mfu']:.3f}")
+            hf = hf_finish(timing["hf_torch"])
+            log(f"  HF {hf['value']:.0f} tokens/s, MFU {hf['mfu']:.3f}")
             compare(report, name, ours, hf)
+            del sides, hf_step
         if args.bf16 and i == 0:
             log(f"{name}: protlm-jax bfloat16 activations")
-            bf = bench_ours(report, name, batch_np, steps=n, warmup=w, peak=peak,
-                            dtype="bfloat16")
+            with tempfile.TemporaryDirectory(prefix="protlm-bench-") as model_dir:
+                bf_step, bf_finish = prepare_ours(report, name, batch_np, model_dir, peak=peak,
+                                                  dtype="bfloat16")
+                bf = bf_finish(_interleaved({"bf16": bf_step}, warmup, n)["bf16"])
             report.emit(f"train_step/{name}/bfloat16_vs_float32", bf["value"], "tokens/s",
                         model=name, baseline=ours["value"], speedup=bf["value"] / ours["value"])
     bert_layers = pick(args.bert_layers, "bert_layers", DEFAULT_BERT_LAYERS)
     if bert_layers:
         bench_bert(report, bert_layers, batch, length, steps=steps, warmup=warmup, peak=peak,
                    hf=not args.no_hf, tiny=args.quick)
+    if not args.no_hf:
+        xlnet_layers = pick(args.xlnet_layers, "xlnet_layers", 0)
+        if xlnet_layers:
+            bench_xlnet(report, xlnet_layers, peak, tiny=args.quick)
+        lora_layers = pick(args.lora_layers, "lora_layers", 0)
+        if lora_layers:
+            bench_lora(report, lora_layers, peak, tiny=args.quick)
     wall = time.perf_counter() - t_start
     report.emit("run/wall", wall, "s", models=models, steps=steps, batch=batch, length=length)
     log(f"done: {len(report.lines)} lines in {wall:.1f} s")

@@ -60,6 +60,90 @@ def layer_flops(cfg, rows: int, tokens: int, targets: int = 0) -> float:
     return content + query
 
 
+def train_step_comparison(report: Reporter, cfg, hf, rows: int, length: int, steps: int,
+                          peak: float) -> dict:
+    """One permutation-LM train step, ours against ``hf`` (an ``XLNetLMHeadModel``
+    of ``cfg``'s shape), on one batch of the ``uniprot_sample_plm`` task: the
+    best of ``steps`` timed steps each (after one untimed), interleaved. Emits
+    ``xlnet_train_step/{protlm_jax,hf_torch,vs_hf}``; returns the comparison line."""
+    import jax
+    import numpy as np
+    import torch
+
+    from protlm_jax import objectives_xlnet, optimizers, trainer
+    from protlm_jax.data import pipeline as data_pipeline
+    from protlm_jax.data import sample
+    from protlm_jax.data.vocabularies import ProtXLNetVocabulary
+    from protlm_jax.models import build_model
+    import protlm_tasks  # noqa: F401  (the uniprot_sample_plm task)
+
+    vocab = ProtXLNetVocabulary()
+    m = max(1, round(length * 85 / 512))
+    lengths = {"inputs": length, "target_positions": m}
+    data_cfg = data_pipeline.DataConfig("uniprot_sample_plm", lengths, pack=False)
+
+    sample_dir = REPO / "data" / "uniprot_sample"
+    if not list(sample_dir.glob("train.tfrecord-*")):
+        sample.prepare_sample(sample_dir)
+    batch = next(data_pipeline.batches(data_cfg, rows, seed=0))
+    opt = optimizers.OptimizerConfig(name="adamw", weight_decay=0.01, eps=1e-6,
+                                     schedule=optimizers.ScheduleConfig(name="constant",
+                                                                        base=1e-4))
+    model, init_inputs = build_model(cfg)
+    converter = data_pipeline.feature_converter("uniprot_sample_plm", False)
+    run = trainer.Trainer(
+        model=model, objective=objectives_xlnet.PLMObjective(), optimizer_config=opt,
+        config=trainer.TrainConfig(model_dir="/tmp/protlm-bench-xlnet", train_steps=1,
+                                   batch_size=rows, seed=0),
+        model_feature_lengths=converter.get_model_feature_lengths(lengths),
+        init_inputs=init_inputs, devices=jax.devices()[:1])
+    state = run.init_state()
+    fn = run.train_fn(state)
+    global_batch = run._global(batch)
+
+    def ours_step():
+        nonlocal state
+        state, metrics = fn(state, global_batch)
+        jax.block_until_ready(metrics["loss"])
+
+    inputs = objectives_xlnet.model_inputs({k: jax.numpy.asarray(v) for k, v in batch.items()},
+                                           vocab.CLS_ID)
+    pos = np.maximum(batch["encoder_target_positions"] - 1, 0)
+    labels = np.take_along_axis(batch["encoder_input_tokens"], pos, axis=1)
+    labels = np.where(batch["encoder_target_positions"] > 0, labels, -100)
+    t_inputs = {k: torch.tensor(np.asarray(v)) for k, v in inputs.items()}
+    t_inputs["input_ids"] = t_inputs["input_ids"].long()
+    t_inputs["token_type_ids"] = t_inputs["token_type_ids"].long()
+    t_labels = torch.tensor(labels).long()
+    hf.train()
+    hf.config.dropout = 0.0
+    torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6)
+
+    def hf_step():
+        torch_opt.zero_grad()
+        loss = hf(**t_inputs, labels=t_labels).loss
+        loss.backward()
+        torch_opt.step()
+
+    times = {"ours": [], "hf": []}
+    for name, step in (("ours", ours_step), ("hf", hf_step)):
+        step()  # compile / warm up
+    for _ in range(steps):
+        for name, step in (("ours", ours_step), ("hf", hf_step)):
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    flops = 3 * cfg.n_layer * layer_flops(cfg, rows, length, m)
+    t_o, t_h = min(times["ours"]), min(times["hf"])
+    ctx = {"rows": rows, "length": length, "targets": m, "flops": flops, "peak_flops": peak}
+    report.emit("xlnet_train_step/protlm_jax", t_o, "s", seconds_steps=times["ours"],
+                mfu=flops / t_o / peak, **ctx)
+    report.emit("xlnet_train_step/hf_torch", t_h, "s", seconds_steps=times["hf"],
+                mfu=flops / t_h / peak, **ctx)
+    return report.emit("xlnet_train_step/vs_hf", t_h / t_o, "x", mfu=flops / t_o / peak,
+                       mfu_hf=flops / t_h / peak, **ctx)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num", type=int, default=60, help="records embedded")
@@ -80,12 +164,10 @@ def main() -> None:
     import transformers
 
     from embed import prottrans_batches, read_records
-    from protlm_jax import embed, host_memory, objectives_xlnet, optimizers, partitioning, trainer
-    from protlm_jax.data import pipeline as data_pipeline
-    from protlm_jax.data import sample
+    from protlm_jax import embed, host_memory, partitioning
     from protlm_jax.data.vocabularies import ProtXLNetVocabulary
     from protlm_jax.hf import xlnet as hf_xlnet
-    from protlm_jax.models import build_model, xlnet
+    from protlm_jax.models import xlnet
     from train_step import bench_peak
     import protlm_tasks  # noqa: F401  (the uniprot_sample_plm task)
 
@@ -168,71 +250,8 @@ def main() -> None:
                 meets_speedup=base_t / best >= TARGET_VS_PROTTRANS, max_abs_diff=diff, **ctx)
 
     # -------------------------------------------------------- train step ---
-    rows, length = args.train_rows, args.train_length
-    m = max(1, round(length * 85 / 512))
-    lengths = {"inputs": length, "target_positions": m}
-    data_cfg = data_pipeline.DataConfig("uniprot_sample_plm", lengths, pack=False)
-
-    sample_dir = REPO / "data" / "uniprot_sample"
-    if not list(sample_dir.glob("train.tfrecord-*")):
-        sample.prepare_sample(sample_dir)
-    batch = next(data_pipeline.batches(data_cfg, rows, seed=0))
-    opt = optimizers.OptimizerConfig(name="adamw", weight_decay=0.01, eps=1e-6,
-                                     schedule=optimizers.ScheduleConfig(name="constant",
-                                                                        base=1e-4))
-    model, init_inputs = build_model(cfg)
-    converter = data_pipeline.feature_converter("uniprot_sample_plm", False)
-    run = trainer.Trainer(
-        model=model, objective=objectives_xlnet.PLMObjective(), optimizer_config=opt,
-        config=trainer.TrainConfig(model_dir="/tmp/protlm-bench-xlnet", train_steps=1,
-                                   batch_size=rows, seed=0),
-        model_feature_lengths=converter.get_model_feature_lengths(lengths),
-        init_inputs=init_inputs, devices=jax.devices()[:1])
-    state = run.init_state()
-    fn = run.train_fn(state)
-    global_batch = run._global(batch)
-
-    def ours_step():
-        nonlocal state
-        state, metrics = fn(state, global_batch)
-        jax.block_until_ready(metrics["loss"])
-
-    inputs = objectives_xlnet.model_inputs({k: jax.numpy.asarray(v) for k, v in batch.items()},
-                                           vocab.CLS_ID)
-    pos = np.maximum(batch["encoder_target_positions"] - 1, 0)
-    labels = np.take_along_axis(batch["encoder_input_tokens"], pos, axis=1)
-    labels = np.where(batch["encoder_target_positions"] > 0, labels, -100)
-    t_inputs = {k: torch.tensor(np.asarray(v)) for k, v in inputs.items()}
-    t_inputs["input_ids"] = t_inputs["input_ids"].long()
-    t_inputs["token_type_ids"] = t_inputs["token_type_ids"].long()
-    t_labels = torch.tensor(labels).long()
-    hf.train()
-    hf.config.dropout = 0.0
-    torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6)
-
-    def hf_step():
-        torch_opt.zero_grad()
-        loss = hf(**t_inputs, labels=t_labels).loss
-        loss.backward()
-        torch_opt.step()
-
-    times = {"ours": [], "hf": []}
-    for name, step in (("ours", ours_step), ("hf", hf_step)):
-        step()  # compile / warm up
-    for _ in range(args.train_steps):
-        for name, step in (("ours", ours_step), ("hf", hf_step)):
-            t = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t)
-    flops = 3 * cfg.n_layer * layer_flops(cfg, rows, length, m)
-    t_o, t_h = min(times["ours"]), min(times["hf"])
-    ctx = {"rows": rows, "length": length, "targets": m, "flops": flops, "peak_flops": peak}
-    report.emit("xlnet_train_step/protlm_jax", t_o, "s", seconds_steps=times["ours"],
-                mfu=flops / t_o / peak, **ctx)
-    report.emit("xlnet_train_step/hf_torch", t_h, "s", seconds_steps=times["hf"],
-                mfu=flops / t_h / peak, **ctx)
-    report.emit("xlnet_train_step/vs_hf", t_h / t_o, "x", mfu=flops / t_o / peak,
-                mfu_hf=flops / t_h / peak, **ctx)
+    train_step_comparison(report, cfg, hf, args.train_rows, args.train_length,
+                          args.train_steps, peak)
     report.emit("run/wall", time.perf_counter() - wall, "s")
 
 

@@ -151,8 +151,8 @@ def test_sum_leading_equals_sum():
         np.testing.assert_allclose(np.asarray(layers.sum_leading(x[:n])),
                                    np.asarray(x[:n].sum(0, keepdims=True)), rtol=1e-6, atol=1e-6)
     g = jax.grad(lambda b: jnp.sum(jnp.sin(layers.broadcast_leading(b, 7)) * x))(x[:1])
-    np.testing.assert_allclose(np.asarray(g), np.asarray((jnp.cos(x[:1]) * x).sum(0, keepdims=True)),
-                               rtol=1e-6, atol=1e-6)
+    want = (jnp.cos(x[:1]) * x).sum(0, keepdims=True)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_relative_position_bucket_matches_hugging_face():

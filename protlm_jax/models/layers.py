@@ -610,7 +610,8 @@ class MultiHeadAttention(nn.Module):
                 bias = bias(jnp.arange(t), jnp.arange(s))
             dropout = None
             if not deterministic and self.dropout_rate > 0.0:
-                dropout = lambda w: nn.Dropout(rate=self.dropout_rate)(w, deterministic=False)
+                def dropout(w):
+                    return nn.Dropout(rate=self.dropout_rate)(w, deterministic=False)
             out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, bias, mask,
                                              dtype=self.dtype, dropout=dropout)
         out_BTHK = nn.with_logical_constraint(out_BTHK, ("batch", "length", "heads", "kv"))
