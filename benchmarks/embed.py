@@ -244,7 +244,7 @@ def main() -> None:
     from protlm_jax.hf import t5 as hf_t5
     from protlm_jax.models import t5
     from protlm_jax.data.vocabularies import ProtT5Vocabulary
-    from train_step import bench_peak, matmul_rate_probe
+    from _common import bench_peak, matmul_rate_probe
 
     # The allocator setting the Embedder makes, made before anything is
     # measured: the peak, ours and the torch baseline all run under it.

@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 
-from _common import Reporter, claim_stdout, version
+from _common import Reporter, best_time, claim_stdout, version
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -294,24 +294,33 @@ def profile_hf(name: str, batch_np: dict, steps: int) -> dict:
 
 # -------------------------------------------------------------- optimizer ---
 
+def random_params(cfg) -> dict:
+    """A T5 parameter tree of ``cfg``'s shapes, N(0, 0.05) (seed 0): inputs for
+    timing updates, not a trained or initialised model."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from protlm_jax.models import t5
+
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: jax.numpy.asarray(rng.standard_normal(s.shape, np.float32)
+                                                    * 0.05),
+                        nn.meta.unbox(t5.abstract_params(cfg)))
+
+
 def time_optimizers(name: str, repeats: int = 3) -> dict:
     """Seconds of one optimizer update alone, ours (optax, jitted) and torch's."""
     import jax
-    import numpy as np
     import optax
     import torch
     import transformers
 
     from protlm_jax import optimizers
     from protlm_jax.hf import t5 as hf_t5
-    from protlm_jax.models import t5
 
     cfg = train_step.model_config(name, dropout_rate=0.0)
-    shapes = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
-                          t5.abstract_params(cfg), is_leaf=lambda x: hasattr(x, "value"))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: jax.numpy.asarray(
-        rng.standard_normal(s.shape, np.float32) * 0.05), shapes)
+    params = random_params(cfg)
     grads = jax.tree.map(lambda p: p * 0.01 + 1e-3, params)
     model = transformers.T5ForConditionalGeneration(hf_t5.hf_config_from_t5config(cfg))
     for p in model.parameters():
@@ -329,7 +338,7 @@ def time_optimizers(name: str, repeats: int = 3) -> dict:
 
         state = tx.init(params)
         p = params
-        ours = train_step.best_time(lambda: jax.block_until_ready(update(p, state, grads)),
+        ours = best_time(lambda: jax.block_until_ready(update(p, state, grads)),
                                     repeats)
         if opt_name == "adamw":
             topt = torch.optim.AdamW(model.parameters(), lr=train_step.LEARNING_RATE)
@@ -337,7 +346,7 @@ def time_optimizers(name: str, repeats: int = 3) -> dict:
             topt = transformers.optimization.Adafactor(
                 model.parameters(), lr=train_step.LEARNING_RATE, decay_rate=-0.8,
                 clip_threshold=1.0, scale_parameter=True, relative_step=False)
-        theirs = train_step.best_time(topt.step, repeats)
+        theirs = best_time(topt.step, repeats)
         out[opt_name] = (ours, theirs)
     return out
 
@@ -367,7 +376,7 @@ def time_dots(dots: list, repeats: int = 3) -> list[dict]:
         b = rng.standard_normal(rs, np.float32)
         f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, ((lc, rc), (lb, rb))))
         ja, jb = jax.numpy.asarray(a), jax.numpy.asarray(b)
-        t_jax = train_step.best_time(lambda: f(ja, jb).block_until_ready(), repeats)
+        t_jax = best_time(lambda: f(ja, jb).block_until_ready(), repeats)
         lm = [i for i in range(len(ls)) if i not in lb and i not in lc]
         rn = [i for i in range(len(rs)) if i not in rb and i not in rc]
         batch = int(np.prod([ls[i] for i in lb])) if lb else 1
@@ -381,7 +390,7 @@ def time_dots(dots: list, repeats: int = 3) -> list[dict]:
         if batch == 1:
             ta, tb = ta[0], tb[0]
         with torch.no_grad():
-            t_torch = train_step.best_time(lambda: torch.matmul(ta, tb), repeats)
+            t_torch = best_time(lambda: torch.matmul(ta, tb), repeats)
         rows.append({"lhs": list(ls), "rhs": list(rs),
                      "dims": {k_: list(v) for k_, v in d.items()},
                      "parts": parts[(lhs, rhs, dims)], "dot_batch": batch, "m": m, "n": n,
@@ -424,7 +433,7 @@ def time_variants(name: str, batch_np: dict, repeats: int = 5) -> list[tuple]:
     import optax
 
     from protlm_jax import optimizers
-    from protlm_jax.models import layers, t5
+    from protlm_jax.models import layers
 
     cfg = train_step.model_config(name, dropout_rate=0.0)
     b, length = batch_np["encoder_input_tokens"].shape
@@ -447,10 +456,7 @@ def time_variants(name: str, batch_np: dict, repeats: int = 5) -> list[tuple]:
         q, k, v, bias_, mask_))
     diff = max(float(jnp.abs(a - c).max()) for a, c in zip(before(x, bias), after(x, bias)))
 
-    shapes = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a,
-                          t5.abstract_params(cfg), is_leaf=lambda a: hasattr(a, "value"))
-    params = jax.tree.map(lambda sd: jnp.asarray(
-        rng.standard_normal(sd.shape, np.float32) * 0.05), shapes)
+    params = random_params(cfg)
     grads = jax.tree.map(lambda p: p * 0.01, params)
     tx = optimizers.make_optimizer(optimizers.OptimizerConfig(
         name="adamw", schedule=optimizers.ScheduleConfig(name="constant", base=1e-4)))

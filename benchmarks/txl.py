@@ -111,7 +111,7 @@ def main() -> None:
     from protlm_jax.hf.txl_torch import TransfoXLReference
     from protlm_jax.models import build_model, txl
     from embed import read_records
-    from train_step import bench_peak
+    from _common import bench_peak
     import protlm_tasks  # noqa: F401  (the uniprot_sample_clm task)
 
     malloc_tuning = host_memory.retain_freed_memory()

@@ -168,7 +168,7 @@ def main() -> None:
     from protlm_jax.data.vocabularies import ProtXLNetVocabulary
     from protlm_jax.hf import xlnet as hf_xlnet
     from protlm_jax.models import xlnet
-    from train_step import bench_peak
+    from _common import bench_peak
     import protlm_tasks  # noqa: F401  (the uniprot_sample_plm task)
 
     malloc_tuning = host_memory.retain_freed_memory()

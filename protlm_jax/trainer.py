@@ -174,7 +174,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, obje
 
     params, opt_state, carry = jax.lax.cond(finite, update, keep, None)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           carry=carry if recurrent else None)
+                           carry=carry)
     metrics = dict(sums)
     metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm,
                    nonfinite=1.0 - finite.astype(jnp.float32))
