@@ -70,7 +70,7 @@ setup(
                  "nbmake>=1.5", "ipykernel>=6.29"],
         "bench": ["biopython>=1.83"],
     },
-    entry_points={"console_scripts": ["protlm=protlm_jax.cli:main"]},
+    entry_points={"console_scripts": ["protlm=protlm_jax.__main__:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

@@ -62,6 +62,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import train_step  # noqa: E402  (after the environment is fixed)
+from protlm_jax import host_memory  # noqa: E402
 
 PARTS = ("matmul", "attention", "softmax_ce", "norm_act", "gathers", "optimizer", "host")
 PHASES = ("forward", "backward", "optimizer", "host")
@@ -515,19 +516,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="prot_t5_tiny, B=2, L=64, 1 step: checks that it runs")
     args = parser.parse_args(argv)
+    # First, before threads or heavy imports: the protlm command's allocator
+    # environment (host_memory.reexec_tuned restarts this script under it).
+    host_memory.reexec_tuned()
     if args.quick:
         args.models, args.batch, args.length, args.steps = "prot_t5_tiny", 2, 64, 1
     json_out = claim_stdout()
     loadavg = os.getloadavg()
     import torch  # noqa: E402  (after the environment is fixed)
 
-    from protlm_jax import host_memory
-
     malloc_tuning = host_memory.retain_freed_memory()
     torch.set_num_threads(os.cpu_count())
     common = {"quick": args.quick, "batch": args.batch, "length": args.length,
               "host": {"cpus": os.cpu_count(), "processor": train_step._cpu_name(),
                        "loadavg_1m": round(loadavg[0], 2), "malloc_tuning": malloc_tuning,
+                       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                        "xla_flags": os.environ.get("XLA_FLAGS", ""),
                        "torch_threads": torch.get_num_threads()},
               "versions": {k: version(k) for k in ("jax", "jaxlib", "torch", "transformers")}}

@@ -28,6 +28,7 @@ means.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -339,6 +340,71 @@ def prepare_hf(report: Reporter, name: str, batch_np: dict, *, peak: float):
     return lambda: losses.append(hf_step()), finish
 
 
+def _ours_alone(name: str, batch: int, length: int, warmup: int, steps: int) -> dict:
+    """Our step alone in this process: per timed step its wall seconds, minor
+    page faults and kernel (system) CPU seconds (``--child-ours``)."""
+    import resource
+
+    import jax
+
+    batch_np = make_batch(batch, length)
+    with tempfile.TemporaryDirectory(prefix="protlm-bench-") as model_dir:
+        _, state, fn, gbatch = build_ours(name, batch_np, model_dir)
+        out = {"step_s": [], "minflt": [], "stime_s": []}
+        for i in range(warmup + steps):
+            r, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            state, m = fn(state, gbatch)
+            jax.block_until_ready((state, m))
+            wall, r2 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+            if i >= warmup:
+                out["step_s"].append(wall)
+                out["minflt"].append(r2.ru_minflt - r.ru_minflt)
+                out["stime_s"].append(r2.ru_stime - r.ru_stime)
+    out["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+    return out
+
+
+def bench_allocator(report: Reporter, name: str, pairs: int, *, batch: int, length: int,
+                    warmup: int, steps: int) -> dict:
+    """Before/after of the allocator environment, in alternating child processes.
+
+    ``before``: what the Trainer alone sets (mallopt; no restart, so no
+    ``GLIBC_TUNABLES``); ``after``: the environment ``host_memory.reexec_tuned``
+    restarts the program under (what ``protlm`` and this script run with).
+    Each child runs ``_ours_alone``; the value is the median over the pairs'
+    timed steps.
+    """
+    import json
+    import subprocess
+
+    from protlm_jax import host_memory
+
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    envs = {"before": dict(plain, PROTLM_MALLOC_REEXEC="1"),
+            "after": host_memory.tuned_environ(plain) or plain}
+    got = {side: {"step_s": [], "minflt": [], "stime_s": []} for side in envs}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-ours", name,
+           "--batch", str(batch), "--length", str(length), "--warmup", str(warmup),
+           "--steps", str(steps)]
+    for pair in range(pairs):
+        for side, env in envs.items():
+            log(f"  allocator {side}, pair {pair + 1}/{pairs}")
+            line = subprocess.run(cmd, env=env, check=True, text=True,
+                                  stdout=subprocess.PIPE).stdout.strip().splitlines()[-1]
+            for key, values in json.loads(line).items():
+                if key in got[side]:
+                    got[side][key] += values
+    med = {side: {k: statistics.median(v) for k, v in g.items()} for side, g in got.items()}
+    return report.emit(
+        f"variant/{name}/allocator", med["after"]["step_s"], "s", model=name,
+        baseline=med["before"]["step_s"], speedup=med["before"]["step_s"] / med["after"]["step_s"],
+        minflt_per_step=med["after"]["minflt"], minflt_per_step_baseline=med["before"]["minflt"],
+        stime_s=med["after"]["stime_s"], stime_s_baseline=med["before"]["stime_s"],
+        step_s=got["after"]["step_s"], step_s_baseline=got["before"]["step_s"],
+        glibc_tunables=envs["after"].get("GLIBC_TUNABLES", ""), pairs=pairs,
+        batch=batch, length=length)
+
+
 def compare(report: Reporter, name: str, ours: dict, hf: dict) -> None:
     speedup = ours["value"] / hf["value"]
     report.emit(f"train_step/{name}/vs_hf", ours["value"], "tokens/s", model=name,
@@ -627,9 +693,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak_flops", type=float, default=None,
                         help="peak FLOP/s per device for MFU (default: the measured "
                         "float32 matmul peak; on a GPU give the card's bf16 peak)")
+    parser.add_argument("--allocator-ab", type=int, default=0, metavar="PAIRS",
+                        help="also time our step (first model) alone in PAIRS of child "
+                             "processes without / with the allocator environment "
+                             "(variant/MODEL/allocator; 0: skip, the default)")
+    parser.add_argument("--child-ours", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny model and batch (< 60 s); figures not comparable")
     args = parser.parse_args(argv)
+    from protlm_jax import host_memory
+
+    # First, before threads or heavy imports: restart under the allocator
+    # environment the protlm command uses (unless asked not to).
+    host_memory.reexec_tuned()
 
     def pick(value, quick_key, default):
         if value is not None:
@@ -645,12 +721,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps ≥ 1, --warmup ≥ 0, --batch ≥ 1 and --length ≥ 2 are required")
 
     json_out = claim_stdout()
+    if args.child_ours:
+        json_out.write(json.dumps(_ours_alone(args.child_ours, batch, length, warmup, steps))
+                       + "\n")
+        return 0
     t_start = time.perf_counter()
     loadavg_start = os.getloadavg()
     import jax  # noqa: E402  (after the environment is fixed)
     import torch  # noqa: E402
-
-    from protlm_jax import host_memory
 
     # The allocator setting the Trainer makes, made before anything is
     # measured: the peak, ours and the torch baseline all run under it.
@@ -663,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
                  "loadavg_5m": round(loadavg_start[1], 2),
                  "jax_devices": [str(d) for d in jax.devices()],
                  "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                 "malloc_tuning": malloc_tuning},
+                 "malloc_tuning": malloc_tuning,
+                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
         "versions": {name: version(pkg) for name, pkg in (
             ("protlm_jax", "protlm-jax"), ("jax", "jax"), ("jaxlib", "jaxlib"),
             ("flax", "flax"), ("optax", "optax"), ("torch", "torch"),
@@ -707,6 +786,11 @@ def main(argv: list[str] | None = None) -> int:
                 bf = bf_finish(_interleaved({"bf16": bf_step}, warmup, n)["bf16"])
             report.emit(f"train_step/{name}/bfloat16_vs_float32", bf["value"], "tokens/s",
                         model=name, baseline=ours["value"], speedup=bf["value"] / ours["value"])
+    if args.allocator_ab:
+        log(f"{models[0]}: allocator before/after, {args.allocator_ab} pairs of processes")
+        bench_allocator(report, models[0], args.allocator_ab, batch=batch, length=length,
+                        warmup=warmup, steps=min(steps, args.base_steps)
+                        if models[0] not in ("prot_t5_small", "prot_t5_tiny") else steps)
     bert_layers = pick(args.bert_layers, "bert_layers", DEFAULT_BERT_LAYERS)
     if bert_layers:
         bench_bert(report, bert_layers, batch, length, steps=steps, warmup=warmup, peak=peak,
