@@ -206,7 +206,10 @@ def profile_ours(name: str, batch_np: dict, steps: int) -> dict:
     return {"table": dict(table), "wall_s": wall, "walls": walls, "busy_s": busy,
             "thunks_per_step": len(events) / steps, "dots": dots,
             "top_ops": sorted(((v, k, op_names.get(k, "")) for k, v in per_op.items()),
-                              reverse=True)[:15]}
+                              reverse=True)[:15],
+            "top_optimizer_ops": sorted(
+                ((v, k, op_names.get(k, "")) for k, v in per_op.items()
+                 if classify_op_name(op_names.get(k, ""))[0] == "optimizer"), reverse=True)[:10]}
 
 
 # --------------------------------------------------------------------- HF ---
@@ -548,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
             report.emit(f"profile/{name}/{side}/step", res["wall_s"], "s", model=name,
                         busy_s=res["busy_s"], step_s=res["walls"],
                         **({"thunks_per_step": ours["thunks_per_step"],
-                            "top_ops": [[round(v, 4), k, o[-90:]] for v, k, o in ours["top_ops"]]}
+                            "top_ops": [[round(v, 4), k, o[-90:]] for v, k, o in ours["top_ops"]],
+                            "top_optimizer_ops": [[round(v, 4), k, o[-90:]]
+                                                  for v, k, o in ours["top_optimizer_ops"]]}
                            if side == "protlm_jax" else {}))
         log("\n" + _markdown(ours, hf))
         log(f"{name}: optimizer updates alone")
