@@ -26,10 +26,18 @@ train step therefore still page-faulted ~1.6 million pages (6.5 GB) per step,
 4-5 s of kernel time on two cores. :func:`tuned_environ` gives the
 environment that fixes it from process start (one arena, no mmap, a 1 TiB
 trim threshold, 1 GiB heap growth, through ``GLIBC_TUNABLES``), and :func:`reexec_tuned`
-restarts the program under it: the ``protlm`` command and the training
-benchmarks do that first thing. Measured on prot_t5_small: 0 page faults per
+restarts the program under it: ``protlm train``/``finetune`` and the
+training benchmarks do that first thing. Measured on prot_t5_small: 0 page faults per
 step after the first, and the step 8.4-10.1 s -> 5.7-6.0 s
 (``benchmarks/README.md``, ``variant/.../allocator``).
+
+The price: the heap keeps its peak for the life of the process and, with one
+arena, different shapes one after another fragment it. A process that runs
+prot_t5_small and then prot_t5_base, each next to its torch baseline
+(``benchmarks/train_step.py --models prot_t5_small,prot_t5_base``), grew to
+24 GB and was killed; prot_t5_base with its baseline alone peaks at 17.4 GB.
+So the restart is for programs that repeat one step (training), not for
+embedding with varying buckets.
 """
 
 from __future__ import annotations
